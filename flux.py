@@ -1,0 +1,476 @@
+"""FLUX as a velocity function: the one file that knows diffusers' FLUX layout.
+
+The sampler (`tree_sampler.py`) and the objective (`tmpo.py`) see a flow model only as
+`velocity_fn(x, t, cond) -> v`, with the state x kept in fp32. This file turns diffusers'
+`FluxPipeline` into that: it loads the pipeline (`load_flux`), adds the paper's LoRA
+(`add_lora`, App. D "Backbone": rank 64, alpha 128), encodes prompts once per step
+(`encode_prompts`), builds the velocity function (`make_velocity_fn`), converts between the
+transformer's packed token layout and the VAE's image layout (`pack`, `unpack`, `decode`,
+`unpacked_latents` for the LGMD metric of Sec. 5), and gives the sigma grid FluxPipeline would use
+(`flux_sigmas`, resolution-dependent shift). `train.py`, `eval.py` and `benchmarks/` all go
+through these functions, so a change of diffusers' layout is fixed here only.
+
+Conventions (EQUATIONS.md, "Notation"): t = sigma in [0, 1], 1 = pure noise, 0 = data. The FLUX
+transformer predicts the rectified-flow velocity v = eps - x_0 of Eq. (2) (it is trained with
+that target), so the Euler/ODE step x_{n+1} = x_n + (sigma_{n+1} - sigma_n) v of
+`tree_sampler.ode_step` is exactly FlowMatchEulerDiscreteScheduler.step; tests/test_flux.py checks
+a full sample against `FluxPipeline.__call__`.
+
+Shapes, for an image of H x W pixels, VAE downsampling f = pipe.vae_scale_factor (8 for FLUX),
+C = vae latent channels (16 for FLUX):
+    VAE latent      (N, C, h, w)            h = H / f, w = W / f
+    packed tokens   (N, S, 4C)              S = (h/2) * (w/2): each 2x2 latent patch is one token
+    img_ids         (S, 3)                  RoPE position (0, row, column) of each token
+    prompt_embeds   (P, L, D)               T5 sequence (L = max_sequence_length, D = 4096)
+    pooled_prompt_embeds (P, Dp)            CLIP pooled output (Dp = 768)
+    text_ids        (L, 3)                  all zeros: text tokens carry no 2-D position
+FLUX.1-dev at 512x512: h = w = 64, S = 1024 tokens of 64 channels (D_latent = 65536).
+
+Try it on the tiny offline model (no downloads):
+    python tests/tiny_flux.py /tmp/tiny_flux
+    python -c "import flux; p = flux.load_flux('/tmp/tiny_flux'); print(flux.latent_geometry(p, 64, 64))"
+Tests:
+    python -m pytest -x -q tests/test_flux.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+import tree_sampler
+
+if TYPE_CHECKING:  # only for annotations; diffusers is imported lazily (it is heavy)
+    from diffusers import FluxPipeline
+
+# The parts a FluxPipeline folder must have (subfolders next to model_index.json).
+FLUX_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+
+# LoRA targets of the paper (App. D, "Backbone"): attention Q/K/V/out of the image stream and of
+# the context (text) stream, and both feed-forward projections (the GELU up-projection
+# `net.0.proj` and the down-projection `net.2`) of the image and context streams.
+# peft matches a name when a module path *ends with* it, so in FLUX.1-dev (19 double-stream
+# blocks `transformer_blocks.*`, 38 single-stream blocks `single_transformer_blocks.*`):
+#   - double blocks: all 12 names below match (12 x 19 = 228 layers);
+#   - single blocks: only attn.to_q / to_k / to_v match (3 x 38 = 114 layers). A single block has
+#     no to_out (pre_only attention); its MLP `proj_mlp` and the fused output `proj_out` are not in
+#     the paper's list and get no LoRA. The same 12 names are the default of diffusers' FLUX LoRA
+#     example (examples/dreambooth/train_dreambooth_lora_flux.py). The paper's phrase "all linear
+#     projections in each transformer block" would add the single blocks' proj_mlp / proj_out:
+#     pass `target_modules` to `add_lora` for that (a bare "proj_out" would also hit the final
+#     output layer; peft accepts a regex string such as r".*single_transformer_blocks\.\d+\.proj_out").
+FLUX_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers model inside a DDP/FSDP/compile wrapper (they expose it as `.module` /
+    `._orig_mod`); its `.config` says how to call it."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def load_flux(model: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "FluxPipeline":
+    """Load a FluxPipeline from a local folder or a hub id, in `dtype`, on `device`, all frozen.
+
+    `model`: a folder written by `FluxPipeline.save_pretrained` (e.g. a downloaded
+    black-forest-labs/FLUX.1-dev, or `tests/tiny_flux.py`'s output), or a hub id "owner/name"
+    (needs network access or the hub cache). Every base weight gets requires_grad=False; trainable
+    weights come only from `add_lora`.
+    """
+    from diffusers import FluxPipeline
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    path = os.path.expanduser(str(model))
+    if os.path.isdir(path):
+        missing = [p for p in ("model_index.json",) + FLUX_PARTS
+                   if not os.path.exists(os.path.join(path, p))]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a complete FluxPipeline folder: missing {', '.join(missing)}. "
+                f"A FluxPipeline folder holds model_index.json and the subfolders {', '.join(FLUX_PARTS)} "
+                "(as written by FluxPipeline.save_pretrained or downloaded from black-forest-labs/FLUX.1-dev)."
+            )
+        pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
+    elif os.path.exists(path):
+        raise NotADirectoryError(f"model path {path} is a file; pass the FluxPipeline folder or a hub id")
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) or str(model).startswith((".", "~")):
+        raise FileNotFoundError(
+            f"model folder {path} does not exist (and '{model}' is not a hub id of the form owner/name)"
+        )
+    else:
+        try:
+            pipe = FluxPipeline.from_pretrained(str(model), dtype=dtype)
+        except Exception as err:  # re-raised with the two things the user can fix
+            raise RuntimeError(
+                f"could not load '{model}': there is no local folder of that name, and loading it as a "
+                f"hub id failed (no network / not in the HF cache / gated model without a token?): {err}"
+            ) from err
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            # A no-op when from_pretrained honoured dtype= (diffusers 0.42 does); it guarantees the
+            # dtype on older diffusers that only knew torch_dtype=.
+            component.to(device=device, dtype=dtype)
+            component.requires_grad_(False)
+            component.eval()
+    return pipe
+
+
+def add_lora(
+    transformer: torch.nn.Module,
+    rank: int = 64,
+    alpha: float = 128,
+    target_modules: str | tuple | list = FLUX_LORA_TARGETS,
+    dropout: float = 0.0,
+) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter ("default") to the FLUX transformer; return its trainable parameters.
+
+    Goes through diffusers' PEFT integration (`transformer.add_adapter`) so that the result saves
+    and loads with `FluxPipeline.save_lora_weights` / `load_lora_weights` (see `save_lora`).
+    Effective update W + (alpha / rank) * B A; B starts at 0, so the model starts exactly at the
+    base model (the first importance ratio is 1). A is Gaussian-initialised as in the LoRA paper.
+    LoRA weights are fp32 while the base stays in its dtype (bf16): optimizer state and small
+    updates keep full precision, and peft casts the layer input to the LoRA dtype and the result
+    back. Every non-LoRA parameter is frozen.
+    """
+    from peft import LoraConfig
+
+    if rank < 1 or alpha <= 0:
+        raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
+    # peft's two matching rules: a list of names matches module paths ending with ".name"; a single
+    # string is a regex that must match the whole path. Check every target hits something, since
+    # peft only complains when nothing at all matches.
+    module_names = [name for name, _ in transformer.named_modules()]
+    if isinstance(target_modules, str):
+        if not any(re.fullmatch(target_modules, n) for n in module_names):
+            raise ValueError(f"LoRA target regex {target_modules!r} matches no module of {type(transformer).__name__}")
+    else:
+        target_modules = list(target_modules)
+        unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in module_names)]
+        if unmatched:
+            raise ValueError(f"LoRA targets {unmatched} match no module of {type(transformer).__name__}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+    )
+    transformer.add_adapter(config)
+    trainable = []
+    for name, param in transformer.named_parameters():
+        is_lora = "lora_" in name
+        if is_lora:
+            param.data = param.data.float()
+        param.requires_grad_(is_lora)
+        if is_lora:
+            trainable.append(param)
+    return trainable
+
+
+def _adapter_name(transformer: torch.nn.Module, adapter_name: str | None) -> str:
+    """The LoRA adapter to save: the given name, or the only one (add_lora names it "default",
+    diffusers' load_lora_weights "default_0")."""
+    names = list(getattr(transformer, "peft_config", {}))
+    if adapter_name is None:
+        if len(names) != 1:
+            raise ValueError(f"the transformer has LoRA adapters {names}: add one with add_lora, or name one")
+        return names[0]
+    if adapter_name not in names:
+        raise ValueError(f"no LoRA adapter {adapter_name!r}; the transformer has {names}")
+    return adapter_name
+
+
+def lora_state_dict(transformer: torch.nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA weights only, keyed as diffusers' FLUX LoRA loader expects (peft names, no prefix)."""
+    from peft.utils import get_peft_model_state_dict
+
+    base = _unwrap(transformer)
+    return get_peft_model_state_dict(base, adapter_name=_adapter_name(base, adapter_name))
+
+
+def save_lora(transformer: torch.nn.Module, directory: str | os.PathLike, state_dict=None,
+              adapter_name: str | None = None) -> None:
+    """Write the LoRA as a standard diffusers FLUX LoRA (pytorch_lora_weights.safetensors).
+
+    Saves the LoraConfig (rank, alpha, targets) as metadata next to the weights: without it,
+    `load_lora_weights` cannot know alpha and silently loads with alpha = rank, i.e. scale 1
+    instead of alpha / rank (tests/test_flux.py shows it). `state_dict` overrides the weights
+    (e.g. EMA weights with the keys of `lora_state_dict`).
+    Load with `load_lora(pipe, directory)` or `pipe.load_lora_weights(directory)`.
+    """
+    from diffusers import FluxPipeline
+
+    base = _unwrap(transformer)
+    name = _adapter_name(base, adapter_name)
+    FluxPipeline.save_lora_weights(
+        str(directory),
+        transformer_lora_layers=lora_state_dict(base, name) if state_dict is None else state_dict,
+        transformer_lora_adapter_metadata=base.peft_config[name].to_dict(),
+    )
+
+
+def load_lora(pipe: "FluxPipeline", directory: str | os.PathLike) -> None:
+    """Load a LoRA saved by `save_lora` (or any diffusers FLUX LoRA) into `pipe.transformer`."""
+    path = str(directory)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LoRA folder/file {path} does not exist")
+    pipe.load_lora_weights(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_prompts(pipe: "FluxPipeline", prompts, max_sequence_length: int = 512, device=None):
+    """Encode prompts once (no grad) with FluxPipeline's own text path.
+
+    Returns (cond, text_ids):
+        cond = {"prompt_embeds": (P, L, D) T5 hidden states, "pooled_prompt_embeds": (P, Dp) CLIP pooled},
+               in the text encoders' dtype; leading dim P = one row per prompt, as `rollout` wants;
+        text_ids (L, 3) zeros, shared by every prompt (pass to `make_velocity_fn`, not in cond).
+    L = max_sequence_length (T5 pads every prompt to it, as FluxPipeline does; 512 by default).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if not 1 <= max_sequence_length <= 512:
+        raise ValueError(f"max_sequence_length must be in [1, 512] (FLUX's T5 limit), got {max_sequence_length}")
+    with torch.no_grad():
+        prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,  # the same text goes to CLIP and to T5, as FluxPipeline does by default
+            device=device if device is not None else pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length,
+        )
+    cond = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+    return cond, text_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent layout: VAE latent (N, C, h, w) <-> packed tokens (N, S, 4C)
+# ---------------------------------------------------------------------------------------------
+
+
+def latent_geometry(pipe: "FluxPipeline", height: int, width: int) -> tuple[int, int, int, int]:
+    """(latent_h, latent_w, image_seq_len, channels_packed) for an image of height x width pixels.
+
+    latent_h = height / vae_scale_factor; the transformer sees (latent_h/2) * (latent_w/2) tokens of
+    4 * latent_channels each. FluxPipeline silently rounds sizes down to a multiple of
+    2 * vae_scale_factor; here a size that is not a multiple is an error.
+    """
+    f = pipe.vae_scale_factor
+    if height <= 0 or width <= 0 or height % (2 * f) or width % (2 * f):
+        raise ValueError(
+            f"height and width must be positive multiples of {2 * f} (2 x vae_scale_factor {f}: the VAE "
+            f"downsamples by {f} and the transformer packs 2x2 latent patches), got {height}x{width}"
+        )
+    latent_h, latent_w = height // f, width // f
+    channels_packed = _unwrap(pipe.transformer).config.in_channels
+    if channels_packed != 4 * pipe.vae.config.latent_channels:
+        raise ValueError(
+            f"transformer in_channels {channels_packed} != 4 x VAE latent_channels "
+            f"{pipe.vae.config.latent_channels}: the transformer and VAE do not belong together"
+        )
+    image_seq_len = (latent_h // 2) * (latent_w // 2)
+    return latent_h, latent_w, image_seq_len, channels_packed
+
+
+def image_ids(pipe: "FluxPipeline", height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """RoPE positions of the packed image tokens, (S, 3): (0, row, column) in row-major token order,
+    as FluxPipeline._prepare_latent_image_ids. The first axis (0 here) is shared with text_ids."""
+    latent_h, latent_w, _, _ = latent_geometry(pipe, height, width)
+    rows, cols = latent_h // 2, latent_w // 2
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]  # broadcast over columns
+    ids[..., 2] = torch.arange(cols)[None, :]  # broadcast over rows
+    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)  # (S, 3), row-major
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """VAE latent (N, C, h, w) -> tokens (N, (h/2)(w/2), 4C); each token is one 2x2 patch, its
+    channels ordered (c, dy, dx), as FluxPipeline._pack_latents."""
+    n, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even to pack 2x2 patches, got {h}x{w}")
+    x = x.view(n, c, h // 2, 2, w // 2, 2)  # (N, C, h/2, dy, w/2, dx)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (N, h/2, w/2, C, dy, dx)
+    return x.reshape(n, (h // 2) * (w // 2), c * 4)  # (N, S, 4C)
+
+
+def unpack(x: torch.Tensor, latent_h: int, latent_w: int) -> torch.Tensor:
+    """Tokens (N, S, 4C) -> VAE latent (N, C, latent_h, latent_w); inverse of `pack`
+    (FluxPipeline._unpack_latents, with the latent size given instead of the pixel size)."""
+    n, s, c4 = x.shape
+    if s != (latent_h // 2) * (latent_w // 2) or c4 % 4:
+        raise ValueError(f"cannot unpack {tuple(x.shape)} to a {latent_h}x{latent_w} latent")
+    x = x.view(n, latent_h // 2, latent_w // 2, c4 // 4, 2, 2)  # (N, h/2, w/2, C, dy, dx)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (N, C, h/2, dy, w/2, dx)
+    return x.reshape(n, c4 // 4, latent_h, latent_w)  # (N, C, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The velocity function
+# ---------------------------------------------------------------------------------------------
+
+
+def make_velocity_fn(
+    transformer: torch.nn.Module,
+    text_ids: torch.Tensor,
+    img_ids: torch.Tensor,
+    guidance: float | None = 3.5,
+    dtype: torch.dtype | None = None,
+) -> VelocityFn:
+    """Wrap the FLUX transformer as `velocity_fn(x, t, cond) -> v` for tree_sampler / tmpo.
+
+    x: (N, S, C) packed latents (any float dtype; the sampler keeps fp32),
+    t: (N,) sigma in [0, 1] (FluxPipeline passes scheduler timesteps / 1000, i.e. sigma; the
+       transformer multiplies by 1000 again for its sinusoidal embedding),
+    cond: {"prompt_embeds": (N, L, D), "pooled_prompt_embeds": (N, Dp)} (rows of `encode_prompts`).
+    Returns v: (N, S, C) in x's dtype.
+
+    `guidance`: FLUX.1-dev's distilled guidance scale, fed as an embedding (one forward pass, no
+    CFG), as FluxPipeline's `guidance_scale` (3.5 in the paper). Must be None for a model without
+    a guidance embedding (FLUX.1-schnell).
+    dtype: the transformer's compute dtype; by default the dtype of its (base) weights. x, t and
+    cond are cast to it on the way in, and v back to x's dtype on the way out: the transformer
+    runs in bf16 as in the paper, while the sampler's state and the Gaussian log-probabilities of
+    Eq. (48) stay in fp32 (in bf16, ||x' - mu||^2 over 65536 dims would lose the small
+    differences the importance ratio of Eq. (7) is made of). Gradients flow through both casts.
+    In bf16 the transformer sees t rounded to bf16 (8 significant bits), exactly as inside
+    FluxPipeline; rollout and update pass the same t, so the rounding cancels in the ratio.
+    """
+    base = _unwrap(transformer)
+    compute_dtype = dtype if dtype is not None else base.dtype
+    if base.config.guidance_embeds and guidance is None:
+        raise ValueError("this FLUX transformer has a guidance embedding (FLUX.1-dev): pass guidance (e.g. 3.5)")
+    if not base.config.guidance_embeds and guidance is not None:
+        raise ValueError(f"this FLUX transformer has no guidance embedding: pass guidance=None, not {guidance}")
+    if text_ids.ndim != 2 or img_ids.ndim != 2 or text_ids.shape[1] != 3 or img_ids.shape[1] != 3:
+        raise ValueError(f"text_ids and img_ids must be (L, 3) and (S, 3), got {tuple(text_ids.shape)}, "
+                         f"{tuple(img_ids.shape)}")
+
+    def velocity_fn(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        n, s, _ = x.shape  # (N, S, C)
+        if s != img_ids.shape[0]:
+            raise ValueError(f"x has {s} tokens but img_ids has {img_ids.shape[0]}: wrong height/width?")
+        prompt_embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]  # (N, L, D), (N, Dp)
+        if prompt_embeds.shape[0] != n or prompt_embeds.shape[1] != text_ids.shape[0]:
+            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} does not fit x {tuple(x.shape)} "
+                             f"and text_ids {tuple(text_ids.shape)}")
+        # FluxPipeline: guidance = full([1], scale, fp32).expand(N); the transformer scales it by 1000.
+        g = None if guidance is None else torch.full((n,), float(guidance), device=x.device, dtype=torch.float32)
+        v = transformer(
+            hidden_states=x.to(compute_dtype),
+            timestep=t.expand(n).to(compute_dtype),  # (N,) sigma
+            guidance=g,
+            pooled_projections=pooled.to(compute_dtype),
+            encoder_hidden_states=prompt_embeds.to(compute_dtype),
+            txt_ids=text_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]  # (N, S, C)
+        return v.to(x.dtype)
+
+    return velocity_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Sigma grid and decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def flux_sigmas(pipe: "FluxPipeline", num_steps: int, height: int, width: int) -> torch.Tensor:
+    """The (num_steps + 1,) sigma grid, 1 -> 0, FluxPipeline uses at this resolution.
+
+    FLUX.1-dev's scheduler shifts the uniform grid by mu = linear in image_seq_len between
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift): sigma' =
+    e^mu / (e^mu + 1/sigma - 1). At 512x512 (S = 1024): mu = 0.63, sigma = 0.5 moves to 0.65 (more
+    of the steps at high noise); 6 steps give 1, 0.904, 0.790, 0.652, 0.484, 0.273, 0. Read from the pipeline's scheduler config so a differently configured checkpoint
+    gets its own grid; options tree_sampler.sigma_schedule does not implement are an error.
+    """
+    cfg = pipe.scheduler.config
+    unsupported = {k: cfg.get(k) for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                                          "use_beta_sigmas", "invert_sigmas", "use_flow_sigmas") if cfg.get(k)}
+    if cfg.get("time_shift_type", "exponential") != "exponential":
+        unsupported["time_shift_type"] = cfg.get("time_shift_type")
+    if unsupported:
+        raise ValueError(f"scheduler options not supported by tree_sampler.sigma_schedule: {unsupported}")
+    if cfg.get("use_dynamic_shifting"):
+        _, _, image_seq_len, _ = latent_geometry(pipe, height, width)
+        return tree_sampler.sigma_schedule(
+            num_steps,
+            image_seq_len=image_seq_len,
+            base_seq_len=cfg.get("base_image_seq_len", 256),
+            max_seq_len=cfg.get("max_image_seq_len", 4096),
+            base_shift=cfg.get("base_shift", 0.5),
+            max_shift=cfg.get("max_shift", 1.15),
+        )
+    return tree_sampler.sigma_schedule(num_steps, shift=cfg.get("shift", 1.0))
+
+
+def unpacked_latents(pipe: "FluxPipeline", x_packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Final packed latents (N, S, 4C) -> (N, C, h, w), still in the flow model's normalised space.
+
+    This is the "VAE latent" z of LGMD (Sec. 5): we use the latent the flow model generates,
+    ((VAE mean - shift_factor) * scaling_factor, roughly unit variance), not the raw VAE latent.
+    The paper does not say which latent; our reading: two independent N(0, I) noises have
+    ||z_i - z_j|| / sqrt(d) = sqrt(2), LGMD = +0.35, a scale on which the paper's values (+0.20
+    healthy, < 0 collapse) make sense; the raw VAE latent is this one divided by scaling_factor
+    (0.3611 for FLUX), which would add log(1/0.3611) = +1.02 to every LGMD.
+    """
+    latent_h, latent_w, _, _ = latent_geometry(pipe, height, width)
+    return unpack(x_packed, latent_h, latent_w)
+
+
+def decode(pipe: "FluxPipeline", x_packed: torch.Tensor, height: int, width: int,
+           max_batch: int | None = None) -> torch.Tensor:
+    """Final packed latents (N, S, 4C) -> images (N, 3, H, W) float32 in [0, 1], no grad.
+
+    As FluxPipeline's output path: unpack, undo the VAE normalisation (z / scaling_factor +
+    shift_factor), VAE decode to [-1, 1], then x / 2 + 0.5 clamped to [0, 1] (VaeImageProcessor's
+    denormalisation: the decoder slightly overshoots the pixel range). `max_batch` decodes in
+    chunks to bound memory.
+    """
+    vae = pipe.vae
+    z = unpacked_latents(pipe, x_packed, height, width)  # (N, C, h, w)
+    z = z / vae.config.scaling_factor + vae.config.shift_factor
+    chunks = [z] if max_batch is None else z.split(max_batch)
+    images = []
+    with torch.no_grad():
+        for chunk in chunks:
+            image = vae.decode(chunk.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]  # (n, 3, H, W)
+            images.append((image.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(images)
