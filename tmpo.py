@@ -3,10 +3,13 @@
 Paper: Li et al. 2026, "Trajectory Matching Policy Optimization", Sec. 4.1 and App. A-B.
 Equation numbers are those of ../shared/paper/EQUATIONS.md.
 
-TMPO does not maximise reward. Within a group of K trajectories of one prompt it matches the
-policy's normalised trajectory probabilities p_i to the Boltzmann target q_i = softmax(beta R)_i
-(Eq. 5). The advantage A_i = log q_i - log p_i is positive exactly where the policy puts too little
-mass (q_i > p_i), and sum_i q_i A_i = KL(q || p) >= 0: a forward-KL, mode-covering signal. The
+TMPO is designed to match a distribution rather than to maximise reward. Within a group of K
+trajectories of one prompt it matches the policy's normalised trajectory probabilities p_i to
+the Boltzmann target q_i = softmax(beta R)_i (Eq. 5). The advantage A_i = log q_i - log p_i is
+positive exactly where the policy puts too little mass (q_i > p_i), and
+sum_i q_i A_i = KL(q || p) >= 0 (the paper's forward-KL, mode-covering argument, App. A.2). Measure before relying on it: on-policy, with a theta-independent transition
+std, E[log P grad log P] = 0, so the expected gradient is beta E[R grad log P], reward
+maximisation; in toy/compare_modes.py TMPO collapses onto one mode like GRPO (README). The
 policy is moved by a PPO-style clipped loss (Eq. 6) on the trajectory importance ratio rho_i, whose
 per-step terms carry the detached RatioNorm correction (Eqs. 7, 30-32).
 

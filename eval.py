@@ -1,0 +1,709 @@
+"""Evaluation: a trained LoRA next to the base model, on reward and diversity, in one command.
+
+Reproduces the paper's protocol (Sec. 5.1 "Setup", App. D.1 "Quality Metrics"; formulas in
+../shared/paper/EQUATIONS.md, "Section 5 / App. D"): FLUX.1-dev, 28 deterministic (ODE) Euler steps,
+guidance 3.5 (FLUX's guidance embedding, no CFG), 512 x 512, 10 images per evaluation prompt, and
+the metrics of Table 1:
+
+| metric        | column      | what it is                                                     | per prompt        |
+| ------------- | ----------- | -------------------------------------------------------------- | ----------------- |
+| `geneval`     | GenEval     | fraction of the prompt's GenEval criteria met (HTTP server)     | mean over images  |
+| `ocr`         | OCR Acc.    | 1 - NED(recognised text, the prompt's quoted text)              | mean over images  |
+| `hps`         | HPS-v2.1    | cos(image, text) of the HPS-v2.1 ViT-H-14                       | mean over images  |
+| `imagereward` | ImgRwd      | ImageReward-v1.0                                                | mean over images  |
+| `pickscore`   | PickScore   | 100 * cos(image, text) of PickScore_v1                          | mean over images  |
+| `lgmd`        | LGMD        | mean log pairwise distance of the prompt's flattened latents    | one value         |
+| `cosdiv`      | Cos. Div.   | mean 1 - cos of the prompt's DINOv2 ViT-L/14 CLS features       | one value         |
+
+Reward models come from `rewards.py`, the diversity metrics from `metrics.py` (LGMD on the latents
+the flow model generates, see `flux.unpacked_latents`). Aggregates: a reward's mean / std are over
+all images; LGMD's and Cos. Div.'s over prompts (each is a property of one prompt's image set).
+Standard deviations are population stds (ddof 0). Every table gets a "base" row (the same pipeline
+with the LoRA disabled) and each `--lora` a row of its own.
+
+Paired comparison. The initial noise of image j of prompt p is drawn on the CPU from a
+torch.Generator seeded with SeedSequence([seed, p, j]): it depends on neither the rank, nor the
+batch, nor the model, so every model starts image (p, j) from the same x_1, and a second run with
+the same seed reproduces them. results.json records a SHA-256 prefix of each initial noise per
+model, so the pairing can be checked; the script itself refuses to write results whose checksums
+differ between models. The Markdown table adds the paired difference to base (mean over prompts of
+the per-prompt difference).
+
+Multi-GPU. Prompts are split across ranks (accelerate's `split_between_processes`); each rank
+generates AND scores its prompts and writes their image grids; the per-prompt scores are gathered
+(`gather_object`) to the main process, which checks that every prompt was evaluated exactly once and
+writes results.json / results.md. Deliberate departure from "gather images, score on rank 0": every
+metric here is per image or per prompt, so scoring where the images are gives the same numbers
+without sending all images to one process (about 8 MB per prompt and model at 512^2) and with 8
+GPUs scoring instead of one. (The released code evaluates rank 0's prompts only; here 8 GPUs
+evaluate 8 times the prompts.)
+
+Outputs in --out:
+    results.json     {"config": every option + sigmas, dtype, processes, versions,
+                      "models": {name: {"lora": folder or null,
+                                        "aggregate": {metric: {"mean", "std", "n"}},
+                                        "vs_base": {metric: {"mean", "std", "n"}} (per-prompt model - base),
+                                        "per_prompt": [{"index", "prompt", metric: value, ...,
+                                                        "images": {reward metric: [one score per image]}}],
+                                        "generation_seconds": prompt encoding + sampling + decoding, all ranks}},
+                      "noise_checksums": {name: [[SHA-256 prefix of each image's initial noise] per prompt]}}
+                     (an LGMD of exactly duplicated images is -inf, written as -Infinity)
+    results.md       Table-1-style table (rows = models, columns = metrics, mean ± std) + paired deltas
+    grids/prompt_XXX.png   one per prompt: rows = models, columns = the images (the same noise per column)
+    images/MODEL/prompt_XXX_YY.png   every image, with --save-images
+
+Prompt files (as train.py's): .txt (one prompt per non-empty line), .jsonl (one JSON string or object
+with a "prompt" key per line) or .json (a list of those); an object is that prompt's metadata, e.g.
+GenEval's evaluation_metadata.jsonl.
+
+    # one GPU: base FLUX.1-dev + the EMA weights of a train.py checkpoint (names: base, checkpoint-500/ema)
+    python eval.py --model black-forest-labs/FLUX.1-dev --lora runs/tmpo/checkpoint-500/ema \\
+        --prompts prompts/hpdv2_test.txt --metrics pickscore,hps,imagereward,lgmd,cosdiv --out outputs/eval
+    # 8 GPUs, two LoRAs with table names, local metric weights
+    accelerate launch --num_processes 8 eval.py --model /models/FLUX.1-dev \\
+        --lora tmpo=runs/tmpo/checkpoint-500/ema --lora grpo=runs/grpo/checkpoint-500/ema \\
+        --prompts prompts/hpdv2_test.txt --metric-path pickscore=/models/PickScore_v1 \\
+        --metric-path hps=/models/HPSv2 --metric-path imagereward=/models/ImageReward \\
+        --metric-path cosdiv=/models/dinov2-large --out outputs/eval_pickscore
+    # GenEval (fraction of criteria met; needs Flow-GRPO's GenEval server) on its metadata file
+    python eval.py --model /models/FLUX.1-dev --lora runs/geneval/checkpoint-1000/ema \\
+        --prompts geneval/evaluation_metadata.jsonl --metrics geneval,lgmd,cosdiv \\
+        --geneval-url http://127.0.0.1:18085 --out outputs/eval_geneval
+    # tiny offline run (random models, seconds on a CPU)
+    python tests/tiny_flux.py /tmp/tiny_flux && python tests/tiny_rewards.py /tmp/tiny_rewards
+    printf 'a photo of a cat\\na red cube\\n' > /tmp/prompts.txt
+    python eval.py --model /tmp/tiny_flux --prompts /tmp/prompts.txt --metrics pickscore,lgmd \\
+        --metric-path pickscore=/tmp/tiny_rewards/pickscore --height 32 --width 32 --steps 4 \\
+        --images-per-prompt 3 --max-sequence-length 16 --out /tmp/eval_tiny
+Tests:
+    python -m pytest -x -q tests/test_eval.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import textwrap
+import time
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import flux
+import metrics
+import rewards
+import tree_sampler
+
+# metric name -> (table column, kind). Table columns follow the paper's Table 1 order.
+METRICS = {
+    "geneval": ("GenEval", "reward"),
+    "ocr": ("OCR Acc.", "reward"),
+    "hps": ("HPS-v2.1", "reward"),
+    "imagereward": ("ImgRwd", "reward"),
+    "pickscore": ("PickScore", "reward"),
+    "lgmd": ("LGMD", "diversity"),
+    "cosdiv": ("Cos. Div.", "diversity"),
+}
+assert set(rewards.REWARDS) == {m for m, (_, kind) in METRICS.items() if kind == "reward"}
+BASE = "base"  # table name of the base model (LoRA disabled)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Args:
+    """Command-line options (`python eval.py --help`); defaults = the paper's evaluation protocol."""
+
+    model: str = field(metadata={"help": "FluxPipeline folder or hub id (black-forest-labs/FLUX.1-dev)"})
+    prompts: str = field(metadata={"help": "prompt file: .txt (one per line), .jsonl ({'prompt': ...} per line) or "
+                                           ".json (a list); objects are kept as metadata (GenEval)"})
+    lora: list = field(default_factory=list, metadata={
+        "help": "LoRA folder to evaluate next to the base model, as DIR or NAME=DIR (repeatable); "
+                "e.g. runs/x/checkpoint-500/ema (train.py's EMA weights)"})
+    out: str = field(default="outputs/eval", metadata={"help": "output folder"})
+    metrics: str = field(default="pickscore,hps,imagereward,lgmd,cosdiv", metadata={
+        "help": f"comma list of metrics from: {', '.join(METRICS)}"})
+    metric_path: list = field(default_factory=list, metadata={
+        "help": "NAME=PATH weights of a metric model (repeatable): a local folder or hub id for pickscore, hps, "
+                "imagereward, cosdiv (DINOv2, default facebook/dinov2-large)"})
+    geneval_url: typing.Optional[str] = field(default=None, metadata={
+        "help": f"GenEval server address (default {rewards.DEFAULT_GENEVAL_URL})"})
+    steps: int = field(default=28, metadata={"help": "ODE (Euler) denoising steps (paper: 28 for evaluation)"})
+    guidance: float = field(default=3.5, metadata={"help": "FLUX guidance-embedding scale (paper: 3.5)"})
+    height: int = field(default=512, metadata={"help": "image height in pixels (paper: 512)"})
+    width: int = field(default=512, metadata={"help": "image width in pixels (paper: 512)"})
+    images_per_prompt: int = field(default=10, metadata={"help": "images per prompt and model (paper: 10)"})
+    seed: int = field(default=0, metadata={"help": "base seed of the initial noises (>= 0); same seed = same noises"})
+    max_prompts: typing.Optional[int] = field(default=None, metadata={"help": "evaluate only the first N prompts"})
+    prompts_per_batch: int = field(default=1, metadata={
+        "help": "prompts generated together per GPU (batch = this x images-per-prompt); the noises do not depend on "
+                "it, the numbers only up to floating-point rounding"})
+    max_batch: typing.Optional[int] = field(default=None, metadata={
+        "help": "at most this many rows per transformer / VAE call (bounds memory)"})
+    max_sequence_length: int = field(default=512, metadata={"help": "T5 tokens per prompt (FluxPipeline: 512)"})
+    dtype: str = field(default="auto", metadata={"help": "FLUX compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
+    metric_dtype: str = field(default="fp32", metadata={"help": "dtype of the reward / DINOv2 models: fp32, bf16, fp16"})
+    metric_batch_size: int = field(default=32, metadata={"help": "images per forward of a reward / DINOv2 model"})
+    grid_size: int = field(default=256, metadata={"help": "image height in the grids in pixels (0 = full size)"})
+    save_images: bool = field(default=False, metadata={"help": "also write every image as a PNG"})
+
+
+class EvalInputError(ValueError):
+    """Bad input found before generation: the message says what to fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and input checks (all before anything heavy is loaded)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> Args:
+    """argparse built from the `Args` dataclass (one flag per field, its doc as help)."""
+    parser = argparse.ArgumentParser(
+        prog="eval.py", description="Evaluate FLUX (+ LoRAs) on reward and diversity metrics (paper Sec. 5.1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(Args)
+    for f in dataclasses.fields(Args):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        kw = {"help": f.metadata["help"], "dest": f.name}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kw["required"] = True
+        if hint is list:
+            kw.update(action="append", default=[])
+        elif hint is bool:
+            kw.update(action="store_true")
+        else:
+            kw["type"] = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+            if f.default is not dataclasses.MISSING:
+                kw["default"] = f.default
+        parser.add_argument(flag, **kw)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def parse_metrics(spec: str) -> list[str]:
+    """'pickscore, lgmd' -> ['pickscore', 'lgmd'] in Table 1 order; unknown or repeated names are errors."""
+    names = [m.strip().lower() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise EvalInputError(f"unknown metric(s) {unknown or spec!r}; known metrics: {', '.join(METRICS)}")
+    if len(set(names)) != len(names):
+        raise EvalInputError(f"metric listed twice in {spec!r}")
+    return [m for m in METRICS if m in names]
+
+
+def parse_named(specs: list[str], what: str) -> dict[str, str]:
+    """['name=value', ...] -> {name: value}."""
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise EvalInputError(f"{what} must be NAME=VALUE, got {spec!r}")
+        if name.strip() in out:
+            raise EvalInputError(f"{what} given twice for {name.strip()!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def load_prompts(path: str, max_prompts: int | None = None) -> tuple[list[str], list[dict] | None]:
+    """Prompt texts and, for .json / .jsonl files, each prompt's metadata dict (else None).
+
+    The formats are train.py's (`train.load_prompts`): .txt one prompt per line; .json a list of
+    strings or objects; .jsonl one string or object per line. Objects keep all their fields as
+    metadata (GenEval's evaluation_metadata.jsonl is such a file: "tag", "include", ...).
+    """
+    from train import load_prompts as load_prompt_records
+
+    try:
+        records = load_prompt_records(path)
+    except ValueError as err:
+        raise EvalInputError(str(err)) from err
+    if max_prompts is not None:
+        if max_prompts < 1:
+            raise EvalInputError(f"--max-prompts must be >= 1, got {max_prompts}")
+        records = records[:max_prompts]
+    texts = [r["prompt"] for r in records]
+    metadata = None if path.lower().endswith(".txt") else records
+    return texts, metadata
+
+
+def parse_loras(specs: list[str]) -> dict[str, str]:
+    """['DIR' | 'NAME=DIR', ...] -> {table name: folder}, checking each folder holds LoRA weights.
+
+    Default name: the folder's name, or parent/name for train.py's checkpoint-STEP/{lora,ema}."""
+    models = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or os.path.exists(spec) or "/" in name or os.sep in name:
+            folder = spec
+            parts = os.path.normpath(os.path.abspath(spec)).split(os.sep)
+            name = "/".join(parts[-2:]) if parts[-1] in ("lora", "ema") and len(parts) > 1 else parts[-1]
+        name = name.strip()
+        if not os.path.isdir(folder):
+            raise EvalInputError(f"LoRA folder {folder} does not exist")
+        if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            subs = [s for s in ("ema", "lora") if os.path.isdir(os.path.join(folder, s))]
+            hint = (f"; it has subfolders {subs}: pass {os.path.join(folder, subs[0])} (train.py saves the EMA "
+                    "weights in ema/, the raw weights in lora/)") if subs else \
+                "; expected pytorch_lora_weights.safetensors as written by flux.save_lora / FluxPipeline.save_lora_weights"
+            raise EvalInputError(f"LoRA folder {folder} has no .safetensors file{hint}")
+        if name == BASE or name in models:
+            raise EvalInputError(f"model name {name!r} is {'reserved for the base model' if name == BASE else 'used twice'};"
+                                 " name the LoRA with NAME=DIR")
+        models[name] = folder
+    return models
+
+
+def check_args(args: Args) -> dict:
+    """Everything that can be checked without loading a model; returns the parsed pieces."""
+    names = parse_metrics(args.metrics)
+    paths = parse_named(args.metric_path, "--metric-path")
+    extra = sorted(set(paths) - set(names))
+    if extra:
+        raise EvalInputError(f"--metric-path given for {extra}, which is not among the metrics {names}")
+    if "lgmd" in paths:
+        raise EvalInputError("lgmd uses the FLUX latents and takes no --metric-path")
+    if "geneval" in paths:
+        raise EvalInputError("give the GenEval server with --geneval-url, not --metric-path")
+    if args.geneval_url and "geneval" not in names:
+        raise EvalInputError("--geneval-url given but geneval is not among the metrics")
+    for flag, value, low in (("steps", args.steps, 1), ("images-per-prompt", args.images_per_prompt, 1),
+                             ("prompts-per-batch", args.prompts_per_batch, 1), ("seed", args.seed, 0),
+                             ("metric-batch-size", args.metric_batch_size, 1), ("grid-size", args.grid_size, 0)):
+        if value < low:
+            raise EvalInputError(f"--{flag} must be >= {low}, got {value}")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise EvalInputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    diversity = [m for m in names if METRICS[m][1] == "diversity"]
+    if diversity and args.images_per_prompt < 2:
+        raise EvalInputError(f"{diversity} compare a prompt's images with each other: --images-per-prompt must be >= 2")
+    if args.dtype not in ("auto", *DTYPES) or args.metric_dtype not in DTYPES:
+        raise EvalInputError(f"--dtype must be auto or one of {list(DTYPES)}, --metric-dtype one of {list(DTYPES)}")
+    texts, metadata = load_prompts(args.prompts, args.max_prompts)
+    if "geneval" in names:
+        if metadata is None or any(k not in m for m in metadata for k in ("tag", "include")):
+            raise EvalInputError("geneval needs each prompt's GenEval metadata: pass a .jsonl prompt file with 'prompt', "
+                                 "'tag' and 'include' per line (GenEval's evaluation_metadata.jsonl)")
+    if "ocr" in names:
+        for text in texts:
+            try:
+                rewards.quoted_text(text)
+            except ValueError as err:
+                raise EvalInputError(str(err)) from err
+    return {"metrics": names, "metric_paths": paths, "texts": texts, "metadata": metadata,
+            "loras": parse_loras(args.lora)}
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: check that a folder fits the model, load it as a named adapter, switch between models
+# ---------------------------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^(?P<part>[^.]+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def check_lora_fits(transformer: torch.nn.Module, folder: str, name: str) -> dict[str, int]:
+    """Read a LoRA folder the way diffusers' FLUX loader does and check every weight against the
+    transformer: each key must name a Linear layer of it, with A (r, in_features), B (out_features, r).
+    Returns {module path: rank}. Checked before loading because diffusers' loader does not fail on
+    a LoRA for another model: layers it lacks only give a warning (unless none matches), and a LoRA
+    A wider than the layer silently widens the base layer (a feature for FLUX Control LoRAs; seen
+    with diffusers 0.42: to_q of the base model became Linear(48 -> 32))."""
+    from diffusers import FluxPipeline
+
+    where = f"LoRA {name!r} ({folder})"
+    try:
+        state_dict, _, metadata = FluxPipeline.lora_state_dict(folder, return_alphas=True, return_lora_metadata=True)
+    except Exception as err:  # re-raised with the folder's name
+        raise EvalInputError(f"{where}: cannot be read as a diffusers FLUX LoRA: {err}") from err
+    unknown = [k for k in state_dict if not _LORA_KEY.match(k)]
+    parts = {m.group("part") for m in map(_LORA_KEY.match, state_dict) if m}
+    other_parts = sorted(parts - {"transformer"})
+    if unknown:
+        raise EvalInputError(f"{where}: {len(unknown)} key(s) are not LoRA A/B weights, e.g. {unknown[:3]}")
+    if other_parts:
+        raise EvalInputError(f"{where}: has weights for {other_parts}; eval.py evaluates transformer LoRAs "
+                             "(what train.py writes)")
+    if not state_dict:
+        raise EvalInputError(f"{where}: holds no LoRA weights")
+    modules = dict(transformer.named_modules())
+    shapes: dict[str, dict[str, tuple]] = {}
+    for key, tensor in state_dict.items():
+        m = _LORA_KEY.match(key)
+        shapes.setdefault(m.group("module"), {})[m.group("ab")] = tuple(tensor.shape)
+    missing = sorted(p for p in shapes if p not in modules)
+    if missing:
+        raise EvalInputError(f"{where} does not fit the model: {len(missing)} of its {len(shapes)} layers do not exist "
+                             f"in the transformer, e.g. {missing[:3]} (a LoRA for another model?)")
+    ranks, bad = {}, []
+    for path, ab in shapes.items():
+        layer = modules[path]
+        layer = getattr(layer, "base_layer", layer)  # already wrapped by an earlier adapter
+        if not isinstance(layer, torch.nn.Linear):
+            bad.append(f"{path} is a {type(layer).__name__}, not a Linear layer")
+            continue
+        if set(ab) != {"A", "B"}:
+            bad.append(f"{path} has lora_{''.join(ab)} only")
+            continue
+        a, b = ab["A"], ab["B"]
+        if len(a) != 2 or len(b) != 2 or a[1] != layer.in_features or b[0] != layer.out_features or a[0] != b[1]:
+            bad.append(f"{path}: A {a}, B {b}, but the layer is Linear({layer.in_features} -> {layer.out_features}), "
+                       f"which needs A (r, {layer.in_features}) and B ({layer.out_features}, r)")
+            continue
+        ranks[path] = a[0]
+    if bad:
+        raise EvalInputError(f"{where} does not fit the model ({len(bad)} layer(s)): " + "; ".join(bad[:3]))
+    config = json.loads(metadata) if isinstance(metadata, str) else (metadata or {})  # keys "transformer.r", ...
+    r = config.get("transformer.r")
+    if r is not None and not config.get("transformer.rank_pattern") and set(ranks.values()) != {r}:
+        raise EvalInputError(f"{where}: its saved LoraConfig says rank {r}, its weights have ranks {sorted(set(ranks.values()))}")
+    return ranks
+
+
+def load_adapters(pipe, loras: dict[str, str]) -> dict[str, str | None]:
+    """Load every LoRA as a named adapter of pipe.transformer; returns {model name: adapter name},
+    with "base" -> None. All folders are checked first, so a bad one fails before any is loaded."""
+    layers = {name: check_lora_fits(pipe.transformer, folder, name) for name, folder in loras.items()}
+    adapters: dict[str, str | None] = {BASE: None}
+    for i, (name, folder) in enumerate(loras.items()):
+        adapter = f"eval_{i}"  # peft adapter names must be plain identifiers; table names may hold "/"
+        pipe.load_lora_weights(folder, adapter_name=adapter)
+        loaded = [p for p, m in pipe.transformer.named_modules()
+                  if hasattr(m, "lora_A") and adapter in m.lora_A]
+        if sorted(loaded) != sorted(layers[name]):
+            raise RuntimeError(f"LoRA {name!r} ({folder}): diffusers loaded {len(loaded)} layers, the file has "
+                               f"{len(layers[name])}")
+        adapters[name] = adapter
+    return adapters
+
+
+def activate(transformer: torch.nn.Module, adapter: str | None) -> None:
+    """Make `adapter` the only active LoRA, or disable all LoRAs (adapter None = the base model)."""
+    model = transformer
+    if not getattr(model, "peft_config", None):
+        if adapter is not None:
+            raise RuntimeError(f"adapter {adapter} is not loaded")
+        return  # no LoRA loaded at all: already the base model
+    if adapter is None:
+        model.disable_lora()
+    else:
+        model.enable_lora()
+        model.set_adapters(adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial noise (paired across models) and scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def noise_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """A 64-bit generator seed for image `image_index` of prompt `prompt_index` (global indices).
+    SeedSequence mixes the three numbers, so nearby (p, j) do not get correlated streams."""
+    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def initial_noise(seed: int, prompt_index: int, num_images: int, event_shape) -> torch.Tensor:
+    """(num_images, *event_shape) float32 N(0, I) on the CPU, the same on any machine, rank or batch."""
+    return torch.stack([
+        torch.randn(tuple(event_shape), generator=torch.Generator("cpu").manual_seed(noise_seed(seed, prompt_index, j)))
+        for j in range(num_images)
+    ])
+
+
+def checksum(x: torch.Tensor) -> str:
+    """Short SHA-256 of a tensor's fp32 bytes: equal strings = bit-identical tensors."""
+    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def load_scorers(names: list[str], paths: dict, geneval_url: str | None, device, dtype, batch_size: int) -> dict:
+    """{metric: callable} for the reward metrics and cosdiv (lgmd needs no model)."""
+    scorers = {}
+    for name in names:
+        if name == "cosdiv":
+            scorers[name] = metrics.load_dinov2(paths.get(name, metrics.DINO_DEFAULT_ID), device=device, dtype=dtype,
+                                                batch_size=batch_size)
+        elif name == "geneval":  # evaluation: fraction of criteria met (App. D.1), not the strict training reward
+            scorers[name] = rewards.load_reward(name, geneval_url, strict=False)
+        elif name == "ocr":
+            scorers[name] = rewards.load_reward(name)
+        elif METRICS[name][1] == "reward":
+            scorers[name] = rewards.load_reward(name, paths.get(name), device=device, dtype=dtype, batch_size=batch_size)
+    return scorers
+
+
+def score_batch(scorers: dict, names: list[str], images, latents, texts, metadata, n: int) -> list[dict]:
+    """Scores of B prompts x n images (group-major rows) -> one dict per prompt:
+    reward metric -> list of n per-image scores, diversity metric -> one float."""
+    per_image_texts = [t for t in texts for _ in range(n)]
+    per_image_meta = None if metadata is None else [m for m in metadata for _ in range(n)]
+    out = [{} for _ in texts]
+    feats = scorers["cosdiv"](images) if "cosdiv" in names else None  # (B*n, F) DINOv2 CLS features
+    for name in names:
+        if METRICS[name][1] == "reward":
+            s = scorers[name](images, per_image_texts, per_image_meta).float().cpu().view(len(texts), n)  # (B, n)
+            for b in range(len(texts)):
+                out[b][name] = s[b].tolist()
+    for b in range(len(texts)):
+        rows = slice(b * n, (b + 1) * n)  # prompt b's images
+        if "lgmd" in names:
+            out[b]["lgmd"] = metrics.lgmd(latents[rows])  # flattened (n, C, h, w) latents, Sec. 5.1
+        if "cosdiv" in names:
+            out[b]["cosdiv"] = metrics.cosine_diversity(feats[rows])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8 (as a PNG stores it)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path: str, prompt: str, rows: dict[str, np.ndarray], cell_height: int) -> None:
+    """One PNG: the prompt on top, one labelled row per model, one column per initial noise."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    first = next(iter(rows.values()))
+    n, h, w = first.shape[:3]
+    ch = h if cell_height == 0 or cell_height >= h else cell_height
+    cw = max(1, round(w * ch / h))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 8 + max(int(probe.textlength(name, font=font)) for name in rows)
+    line_h = 14
+    header = textwrap.wrap(prompt, width=max(20, (label_w + n * cw) // 7))[:4] or [""]
+    top = 6 + line_h * len(header)
+    grid = Image.new("RGB", (label_w + n * cw, top + len(rows) * ch), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(header):
+        draw.text((4, 3 + i * line_h), line, fill="black", font=font)
+    for r, (name, images) in enumerate(rows.items()):
+        y = top + r * ch
+        draw.text((4, y + ch // 2 - 6), name, fill="black", font=font)
+        for j, img in enumerate(images):
+            tile = Image.fromarray(img)
+            if tile.size != (cw, ch):
+                tile = tile.resize((cw, ch), Image.LANCZOS)
+            grid.paste(tile, (label_w + j * cw, y))
+    grid.save(path)
+
+
+def _mean_std(values: list[float]) -> dict:
+    """Population mean / std; -inf (an LGMD of exact duplicates) makes the mean -inf and the std None."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = bool(np.isfinite(v).all())
+    return {"mean": float(v.mean()), "std": float(v.std()) if finite else None, "n": int(v.size)}
+
+
+def summarize(records: list[dict], names: list[str], model_names: list[str], texts: list[str]) -> dict:
+    """Gathered per-(model, prompt) records -> the "models" and "noise_checksums" parts of results.json."""
+    by_model = {m: {} for m in model_names}
+    for rec in records:
+        if rec["index"] in by_model[rec["model"]]:
+            raise RuntimeError(f"prompt {rec['index']} was evaluated twice for {rec['model']}")
+        by_model[rec["model"]][rec["index"]] = rec
+    for m, recs in by_model.items():
+        if sorted(recs) != list(range(len(texts))):
+            raise RuntimeError(f"{m}: results for {len(recs)} of {len(texts)} prompts; a rank did not report")
+    checksums = {m: [by_model[m][p]["noise"] for p in range(len(texts))] for m in model_names}
+    for m in model_names:
+        if checksums[m] != checksums[BASE]:
+            raise RuntimeError(f"{m} did not start from the base model's initial noises: the comparison is not paired")
+    models = {}
+    for m in model_names:
+        per_prompt = []
+        for p in range(len(texts)):
+            rec = by_model[m][p]["scores"]
+            row = {"index": p, "prompt": texts[p]}
+            for name in names:
+                row[name] = float(np.mean(rec[name])) if METRICS[name][1] == "reward" else rec[name]
+            row["images"] = {name: rec[name] for name in names if METRICS[name][1] == "reward"}
+            per_prompt.append(row)
+        aggregate = {}
+        for name in names:
+            if METRICS[name][1] == "reward":  # over all images
+                aggregate[name] = _mean_std([s for p in range(len(texts)) for s in by_model[m][p]["scores"][name]])
+            else:  # one value per prompt
+                aggregate[name] = _mean_std([row[name] for row in per_prompt])
+        models[m] = {"aggregate": aggregate, "per_prompt": per_prompt,
+                     "generation_seconds": sum(by_model[m][p]["seconds"] for p in range(len(texts)))}
+    for m in model_names:  # paired by prompt (and noise): mean over prompts of the per-prompt difference
+        models[m]["vs_base"] = {
+            name: _mean_std([a[name] - b[name] for a, b in zip(models[m]["per_prompt"], models[BASE]["per_prompt"])])
+            for name in names
+        } if m != BASE else {}
+    return {"models": models, "noise_checksums": checksums}
+
+
+def _cell(stats: dict, signed: bool = False) -> str:
+    mean, std = stats["mean"], stats["std"]
+    if not math.isfinite(mean):
+        return f"{mean} (duplicate images)"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text + (f" ± {std:.3f}" if std is not None else "")
+
+
+def markdown_table(results: dict, names: list[str]) -> str:
+    """Table 1 style: rows = models, columns = metrics (mean ± std), then the paired deltas to base."""
+    cfg = results["config"]
+    models = results["models"]
+    head = "| Model | " + " | ".join(METRICS[n][0] for n in names) + " |\n|---|" + "---|" * len(names) + "\n"
+    lines = [
+        f"# Evaluation of {cfg['model']}",
+        "",
+        f"{cfg['num_prompts']} prompts ({cfg['prompts']}) x {cfg['images_per_prompt']} images per model; "
+        f"{cfg['steps']} ODE steps, guidance {cfg['guidance']}, {cfg['height']}x{cfg['width']}, seed {cfg['seed']}, "
+        f"{cfg['dtype']} on {cfg['num_processes']} process(es). Mean ± std: rewards over images, LGMD / Cos. Div. "
+        "over prompts (population std).",
+        "",
+        head + "".join(f"| {m} | " + " | ".join(_cell(r["aggregate"][n]) for n in names) + " |\n"
+                       for m, r in models.items()),
+    ]
+    if len(models) > 1:
+        lines += [
+            "Paired difference to base (same prompt, same initial noises): mean ± std over prompts of "
+            "(model - base) per prompt.",
+            "",
+            head + "".join(f"| {m} | " + " | ".join(_cell(r["vs_base"][n], signed=True) for n in names) + " |\n"
+                           for m, r in models.items() if m != BASE),
+        ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(args: Args) -> dict | None:
+    """Run the evaluation; returns results.json's content on the main process (None elsewhere)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
+    from tqdm.auto import tqdm
+
+    parsed = check_args(args)  # cheap checks first: nothing heavy is loaded if the command line is wrong
+    names, texts, metadata, loras = parsed["metrics"], parsed["texts"], parsed["metadata"], parsed["loras"]
+    # PartialState alone does not read ACCELERATE_USE_CPU (AcceleratorState does): without it a CPU
+    # `accelerate launch` would run N independent single-process evaluations.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    if launched > 1 and launched != state.num_processes:
+        raise RuntimeError(f"launched as {launched} processes but accelerate formed a group of {state.num_processes}; "
+                           "on CPU set ACCELERATE_USE_CPU=true")
+    device = state.device
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
+    n, H, W = args.images_per_prompt, args.height, args.width
+    dtype_name = str(dtype).replace("torch.", "")
+
+    pipe = flux.load_flux(args.model, dtype=dtype, device=device)
+    _, _, seq_len, channels = flux.latent_geometry(pipe, H, W)  # checks the image size; (S, C) packed
+    adapters = load_adapters(pipe, loras)  # every LoRA checked against the transformer before any is loaded
+    scorers = load_scorers(names, parsed["metric_paths"], args.geneval_url, device, DTYPES[args.metric_dtype],
+                           args.metric_batch_size)
+    sigmas = flux.flux_sigmas(pipe, args.steps, H, W)  # FluxPipeline's shifted grid at this resolution
+    spec = tree_sampler.TreeSpec(args.steps, roots=n, fanout={})  # no SDE step: plain Euler = FluxPipeline
+    img_ids = flux.image_ids(pipe, H, W, device=device)
+    model_names = list(adapters)
+
+    with state.split_between_processes(list(range(len(texts)))) as mine:
+        mine = list(mine)  # this rank's global prompt indices (contiguous block)
+    batches = [mine[i:i + args.prompts_per_batch] for i in range(0, len(mine), args.prompts_per_batch)]
+    grid_dir = os.path.join(args.out, "grids")
+    os.makedirs(grid_dir, exist_ok=True)
+    digits = max(3, len(str(len(texts) - 1)))
+    if state.is_main_process:
+        print(f"eval: {len(model_names)} model(s) {model_names} x {len(texts)} prompts x {n} images "
+              f"({len(model_names) * len(texts) * n} images, {len(model_names) * len(texts) * n * args.steps} transformer "
+              f"evaluations); {args.steps} steps, guidance {args.guidance}, {H}x{W}, {dtype_name}, "
+              f"{state.num_processes} process(es) x ~{math.ceil(len(texts) / state.num_processes)} prompts; "
+              f"metrics {names}", flush=True)
+    bar = tqdm(total=len(batches) * len(model_names), desc="eval (main rank's prompts)", unit="batch",
+               disable=not state.is_main_process)
+    records = []
+    for batch in batches:
+        batch_texts = [texts[p] for p in batch]
+        batch_meta = None if metadata is None else [metadata[p] for p in batch]
+        x_root = torch.cat([initial_noise(args.seed, p, n, (seq_len, channels)) for p in batch])  # (B*n, S, C)
+        thumbs = {p: {} for p in batch}
+        for name, adapter in adapters.items():
+            start = time.perf_counter()
+            activate(pipe.transformer, adapter)
+            noise_sums = [checksum(x) for x in x_root]  # of exactly what this model starts from
+            cond, text_ids = flux.encode_prompts(pipe, batch_texts, args.max_sequence_length, device=device)
+            velocity_fn = flux.make_velocity_fn(pipe.transformer, text_ids, img_ids, guidance=args.guidance)
+            ro = tree_sampler.rollout(velocity_fn, spec, sigmas, cond, num_groups=len(batch),
+                                      event_shape=(seq_len, channels), x_root=x_root.to(device), max_batch=args.max_batch)
+            images = flux.decode(pipe, ro.x0, H, W, max_batch=args.max_batch)  # (B*n, 3, H, W) in [0, 1]
+            latents = flux.unpacked_latents(pipe, ro.x0, H, W)  # (B*n, C, h, w), LGMD's z
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # kernels run asynchronously: time them, not their launch
+            seconds = (time.perf_counter() - start) / len(batch)
+            scores = score_batch(scorers, names, images, latents, batch_texts, batch_meta, n)
+            pixels = to_uint8(images)  # (B*n, H, W, 3)
+            for b, p in enumerate(batch):
+                thumbs[p][name] = pixels[b * n:(b + 1) * n]
+                records.append({"model": name, "index": p, "scores": scores[b], "seconds": seconds,
+                                "noise": noise_sums[b * n:(b + 1) * n]})
+            bar.set_postfix_str(name)
+            bar.update(1)
+        for p in batch:
+            save_grid(os.path.join(grid_dir, f"prompt_{p:0{digits}d}.png"), texts[p], thumbs[p], args.grid_size)
+            if args.save_images:
+                from PIL import Image
+
+                for name, pix in thumbs[p].items():
+                    folder = os.path.join(args.out, "images", name.replace("/", "_"))
+                    os.makedirs(folder, exist_ok=True)
+                    for j, img in enumerate(pix):
+                        Image.fromarray(img).save(os.path.join(folder, f"prompt_{p:0{digits}d}_{j:02d}.png"))
+    bar.close()
+
+    records = gather_object(records)  # every rank's per-prompt scores, on every rank
+    if not state.is_main_process:
+        return None
+    config = dataclasses.asdict(args)
+    config.update(
+        metrics=names, num_prompts=len(texts), num_processes=state.num_processes, dtype=dtype_name,
+        loras=loras, sigmas=[float(s) for s in sigmas],
+        noise="torch.randn on the CPU, float32, (S, C) packed latent per image; generator seed = "
+              "numpy SeedSequence([seed, prompt_index, image_index]).generate_state(1, uint64)",
+        versions={"torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers")},
+    )
+    results = {"config": config, **summarize(records, names, model_names, texts)}
+    for m, folder in {BASE: None, **loras}.items():
+        results["models"][m]["lora"] = folder
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    table = markdown_table(results, names)
+    with open(os.path.join(args.out, "results.md"), "w") as fh:
+        fh.write(table)
+    print(table)
+    print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and {len(texts)} grids in {grid_dir}")
+    return results
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def main(argv=None) -> int:
+    try:
+        evaluate(parse_args(argv))
+    except EvalInputError as err:
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Tests of the 2-D toy (toy/compare_modes.py): its pieces, and the script run end to end.
+
+    python -m pytest -x -q tests/test_toy.py
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "toy"))
+
+import compare_modes as cm  # noqa: E402
+import metrics  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# the pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reward_is_largest_and_equal_on_the_high_mode_centres():
+    cfg = cm.Config()
+    centers = cm.mode_centers(cfg)
+    high = list(cfg.high_modes)
+    low = [m for m in range(cfg.num_modes) if m not in high]
+    r_centers = cm.reward(centers, cfg)  # (M,)
+    # equally good: the same reward on every high-mode centre, and that reward is the bump height 1
+    assert torch.allclose(r_centers[high], r_centers[high[0]].expand(len(high)), atol=1e-6)
+    assert r_centers[high[0]].item() == pytest.approx(1.0, abs=1e-3)
+    # the low modes are lower, not zero (a smooth landscape, not a 0/1 reward)
+    assert torch.allclose(r_centers[low], torch.full((len(low),), cfg.low_reward), atol=1e-3)
+    # nowhere on a fine grid is the reward higher than on a high-mode centre, and the grid's
+    # best points sit next to the high-mode centres
+    g = torch.linspace(-cfg.radius - 1, cfg.radius + 1, 401)
+    gx, gy = torch.meshgrid(g, g, indexing="xy")
+    pts = torch.stack([gx.flatten(), gy.flatten()], dim=1)  # (401*401, 2)
+    r = cm.reward(pts, cfg)
+    assert r.max() <= r_centers[high].max() + 1e-6
+    best = pts[r > r.max() - 1e-4]
+    nearest = metrics.assign_modes(best, centers)
+    assert set(nearest.tolist()) == set(high)  # every high mode, and only high modes, has a best point
+    assert torch.cdist(best, centers).min(dim=1).values.max() < 0.05
+
+
+def test_pretrained_base_mode_masses_match_the_mixture_weights():
+    cfg = replace(cm.Config(), pretrain_steps=1000)
+    base = cm.pretrain_base(cfg, seed=0)
+    x = cm.ode_samples(base, cfg, torch.randn(8000, 2, generator=torch.Generator().manual_seed(1)))
+    masses = metrics.mode_masses(x, cm.mode_centers(cfg))
+    # equal-weight mixture: 1/8 per mode (sampling std with 8000 samples is ~0.004)
+    assert torch.allclose(masses, torch.full((8,), 1 / 8, dtype=torch.float64), atol=0.02), masses
+    # samples land near the ring, not in the middle
+    radius = x.norm(dim=1)
+    assert (radius - cfg.radius).abs().median() < 0.3
+
+
+def test_pretraining_is_deterministic_per_seed():
+    cfg = replace(cm.Config(), pretrain_steps=20, pretrain_batch=64)
+    a, b, c = cm.pretrain_base(cfg, 3), cm.pretrain_base(cfg, 3), cm.pretrain_base(cfg, 4)
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb)
+    assert not torch.equal(pa, pc)
+
+
+def test_advantages_differ_only_as_documented():
+    cfg = cm.Config()
+    g = torch.Generator().manual_seed(0)
+    log_p, R = torch.randn(4, 27, generator=g), torch.rand(4, 27, generator=g)
+    adv = {m: cm.advantages(m, log_p, R, cfg, torch.Generator().manual_seed(1)) for m in cm.METHODS[1:]}
+    assert torch.equal(adv["grpo"], adv["grpo_kl"])
+    assert torch.allclose(adv["grpo"], (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-4), atol=1e-5)
+    log_q = torch.log_softmax(cfg.beta * R, dim=1)
+    assert torch.allclose(adv["tmpo_no_logp"], log_q, atol=1e-6)
+    assert torch.allclose(adv["tmpo"], log_q - torch.log_softmax(log_p, dim=1), atol=1e-5)
+    # shuffled: log q - A is log softmax of a permutation of each group's own log P
+    implied = (log_q - adv["tmpo_shuffled_logp"]).exp()  # (G, K) = softmax(permuted log P)
+    expected = torch.softmax(log_p, dim=1)
+    assert torch.allclose(implied.sort(dim=1).values, expected.sort(dim=1).values, atol=1e-5)
+    assert not torch.allclose(implied, expected, atol=1e-3)  # ... and really permuted
+
+
+def test_every_method_starts_from_the_same_rollout():
+    # same sampler, same seeds: before the first update every method sees the same leaves
+    cfg = replace(cm.Config(), pretrain_steps=20, pretrain_batch=64, iters=1, curve_samples=16)
+    base = cm.pretrain_base(cfg, 0)
+    noise = torch.randn(16, 2)
+    first = {m: cm.finetune(m, base, cfg, 0, noise)[2]["leaf_reward"][0] for m in cm.METHODS[1:]}
+    assert len(set(first.values())) == 1, first
+
+
+def test_bad_flags_fail_with_a_message():
+    with pytest.raises(ValueError, match="--seeds"):
+        cm.parse_args(["--seeds", "0"])
+    with pytest.raises(ValueError, match="--iters"):
+        cm.parse_args(["--iters", "0"])
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end, as a user runs it
+# ----------------------------------------------------------------------------------------------
+
+
+def test_compare_modes_quick_end_to_end(tmp_path):
+    out = tmp_path / "toy"
+    cmd = [sys.executable, os.path.join(ROOT, "toy", "compare_modes.py"), "--quick", "--seed-offset", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for method in cm.METHODS:
+        assert method in proc.stdout  # the printed table
+    doc = json.loads((out / "metrics.json").read_text())
+    seeds = doc["config"]["seeds"]
+    assert seeds == 2 and doc["config"]["seed_list"] == [1, 2]
+    assert list(doc["methods"]) == list(cm.METHODS)
+    for method, entry in doc["methods"].items():
+        assert len(entry["per_seed"]) == seeds
+        for row in [*entry["per_seed"], entry["mean"], entry["std"]]:
+            assert set(row) == set(cm.METRIC_KEYS), (method, sorted(row))
+            assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()), (method, row)
+        for row in entry["per_seed"]:
+            assert 0.0 <= row["mode_entropy"] <= 1.0 + 1e-9 and 0.0 <= row["tilted_tv"] <= 1.0
+            assert row["modes_covered"] in range(len(doc["config"]["high_modes"]) + 1)
+            assert (row["wall_s"] == 0.0) == (method == "base")
+        for key in cm.METRIC_KEYS:  # mean is the mean of the seeds
+            assert entry["mean"][key] == pytest.approx(np.mean([r[key] for r in entry["per_seed"]]))
+    # the base is an equal-weight ring: half its mass on the 4 high-reward modes, all 4 covered
+    for row in doc["methods"]["base"]["per_seed"]:
+        assert row["modes_covered"] == 4 and abs(row["high_mode_mass"] - 0.5) < 0.1
+    for png in ("samples.png", "training_curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 300_000, (png, len(data))
