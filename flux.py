@@ -308,15 +308,19 @@ def latent_geometry(pipe: "FluxPipeline", height: int, width: int) -> tuple[int,
     return latent_h, latent_w, image_seq_len, channels_packed
 
 
-def image_ids(pipe: "FluxPipeline", height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """RoPE positions of the packed image tokens, (S, 3): (0, row, column) in row-major token order,
+def token_grid_ids(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """RoPE positions (0, row, column) of a rows x cols grid of packed image tokens, row-major, (S, 3),
     as FluxPipeline._prepare_latent_image_ids. The first axis (0 here) is shared with text_ids."""
-    latent_h, latent_w, _, _ = latent_geometry(pipe, height, width)
-    rows, cols = latent_h // 2, latent_w // 2
     ids = torch.zeros(rows, cols, 3)
     ids[..., 1] = torch.arange(rows)[:, None]  # broadcast over columns
     ids[..., 2] = torch.arange(cols)[None, :]  # broadcast over rows
     return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)  # (S, 3), row-major
+
+
+def image_ids(pipe: "FluxPipeline", height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """RoPE positions of the packed image tokens of an H x W image, (S, 3) (see token_grid_ids)."""
+    latent_h, latent_w, _, _ = latent_geometry(pipe, height, width)
+    return token_grid_ids(latent_h // 2, latent_w // 2, device=device, dtype=dtype)
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:

@@ -223,18 +223,6 @@ def parse_args(argv=None) -> Args:
 # ----------------------------------------------------------------------------------------------
 
 
-def image_ids(rows: int, cols: int) -> torch.Tensor:
-    """RoPE positions (0, row, column) of a rows x cols token grid in row-major order, (S, 3).
-
-    The layout of flux.image_ids / FluxPipeline._prepare_latent_image_ids (tested against the
-    latter); flux.image_ids needs a pipeline to read the grid size from, and there is none here.
-    """
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]  # broadcast over columns
-    ids[..., 2] = torch.arange(cols)[None, :]  # broadcast over rows
-    return ids.reshape(rows * cols, 3)  # (S, 3)
-
-
 @dataclass
 class Model:
     transformer: torch.nn.Module
@@ -277,7 +265,7 @@ def build_model(cfg: ModelConfig, args: Args, device: torch.device) -> Model:
         lora_params = flux.add_lora(transformer, rank=cfg.lora_rank, alpha=cfg.lora_alpha)  # fp32 LoRA, only trainable part
     S = cfg.token_side**2
     text_ids = torch.zeros(cfg.text_len, 3, device=device)  # text tokens carry no 2-D position
-    img_ids = image_ids(cfg.token_side, cfg.token_side).to(device)  # (S, 3)
+    img_ids = flux.token_grid_ids(cfg.token_side, cfg.token_side, device=device)  # (S, 3)
     velocity_fn = flux.make_velocity_fn(transformer, text_ids, img_ids, guidance=3.5, dtype=dtype)
 
     def ref_velocity_fn(x, t, cond):

@@ -127,14 +127,6 @@ def test_saved_tensor_meter_closed_form():
     assert meter.peak == 0
 
 
-def test_image_ids_equal_flux_pipeline():
-    from diffusers import FluxPipeline
-
-    bench = _load_module()
-    ref = FluxPipeline._prepare_latent_image_ids(1, 8, 6, torch.device("cpu"), torch.float32)
-    assert torch.equal(bench.image_ids(8, 6), ref)
-
-
 def test_reference_velocity_is_the_model_without_lora():
     bench = _load_module()
     args = bench.Args(config="tiny")
