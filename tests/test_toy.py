@@ -137,3 +137,16 @@ def test_compare_modes_quick_end_to_end(tmp_path):
     for png in ("samples.png", "training_curves.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 300_000, (png, len(data))
+
+
+def test_paper_rewards_zscore_and_warm_up_beta_for_tmpo_only():
+    cfg = replace(cm.Config(), paper_rewards=True, iters=400)
+    g = torch.Generator().manual_seed(2)
+    log_p, R = torch.randn(3, 27, generator=g), torch.rand(3, 27, generator=g)
+    Rz = (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-4)
+    for it, beta in [(0, 0.8), (75, 1.4), (150, 2.0), (399, 2.0)]:
+        A = cm.advantages("tmpo", log_p, R, cfg, torch.Generator().manual_seed(1), it)
+        assert torch.allclose(A, torch.log_softmax(beta * Rz, 1) - torch.log_softmax(log_p, 1), atol=1e-5), it
+    # GRPO's advantage is already a z-score: unchanged by the flag
+    plain = cm.advantages("grpo", log_p, R, cm.Config(), None)
+    assert torch.allclose(cm.advantages("grpo", log_p, R, cfg, None, 200), plain)

@@ -66,6 +66,7 @@ Run (from the repository root):
     python toy/compare_modes.py --quick                # 2 seeds, fewer iterations and samples: 21-29 s
     python toy/compare_modes.py --out assets/toy       # + metrics.json and PNG figures
     python toy/compare_modes.py --seeds 5 --seed-offset 10 --iters 400
+    python toy/compare_modes.py --paper-rewards        # TMPO with z-scored rewards, beta 0.8 -> 2.0 (released configs)
     python -m pytest -q tests/test_toy.py
 """
 
@@ -146,6 +147,11 @@ class Config:
     # (0.28 measured for seed 0, printed at start), hence 1 / (4 * 0.3) ~ 0.8. The match is only
     # approximate: the penalty covers the SDE transitions, not the whole sampling path.
     kl_coef: float = 0.8
+    # paper_rewards: the released FLUX configs' reward processing instead of the above: R z-scored
+    # within each group and beta warmed up linearly 0.8 -> 2.0 over the first 150 of 400 steps
+    # (scaled to --iters). The target then moves with the group, so tilted_tv (still measured
+    # against p_base exp(beta R) on raw R) is only indicative; the mode metrics are what to read.
+    paper_rewards: bool = False
     # -- evaluation ----------------------------------------------------------------------------
     eval_samples: int = 4000  # ODE samples per method and seed (same noise for every method)
     target_samples: int = 20000  # base samples reweighted to estimate the tilted target
@@ -250,18 +256,22 @@ def ode_samples(model, cfg: Config, noise: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def advantages(method: str, log_p: torch.Tensor, R: torch.Tensor, cfg: Config, perm_gen: torch.Generator):
-    """A^ (G, K) for each method from log P (G, K) and raw rewards R (G, K)."""
+def advantages(method: str, log_p: torch.Tensor, R: torch.Tensor, cfg: Config, perm_gen: torch.Generator, it: int = 0):
+    """A^ (G, K) for each method from log P (G, K) and raw rewards R (G, K) at iteration `it`."""
     if method in ("grpo", "grpo_kl"):
-        return tmpo.grpo_advantage(R)  # Eq. (28)
+        return tmpo.grpo_advantage(R)  # Eq. (28); z-scoring R first would change nothing
+    beta = cfg.beta
+    if cfg.paper_rewards:  # the released configs: z-scored R, beta 0.8 -> 2.0 over 150 of 400 steps
+        R = tmpo.group_zscore(R)
+        beta = tmpo.beta_schedule(it, 0.8, 2.0, max(round(cfg.iters * 150 / 400), 1))
     if method == "tmpo":
-        return tmpo.softmax_tb_advantage(log_p, R, cfg.beta)  # Eq. (5)
+        return tmpo.softmax_tb_advantage(log_p, R, beta)  # Eq. (5)
     if method == "tmpo_no_logp":
-        return tmpo.softmax_tb_advantage(log_p, R, cfg.beta, use_log_p=False)  # A = log q
+        return tmpo.softmax_tb_advantage(log_p, R, beta, use_log_p=False)  # A = log q
     if method == "tmpo_shuffled_logp":
         # the same log P values, assigned to random members of their own group
         perm = torch.argsort(torch.rand(log_p.shape, generator=perm_gen), dim=-1)  # (G, K), a permutation per row
-        return tmpo.softmax_tb_advantage(log_p.gather(-1, perm), R, cfg.beta)
+        return tmpo.softmax_tb_advantage(log_p.gather(-1, perm), R, beta)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS[1:]}")
 
 
@@ -296,7 +306,7 @@ def finetune(method: str, base: VelocityMLP, cfg: Config, seed: int, curve_noise
         spec = ts.TreeSpec.tree(cfg.num_steps, positions, cfg.k, eta=cfg.eta, kind="cps")
         ro = ts.rollout(model, spec, sigmas, None, cfg.groups, (2,), generator=gen, reduce=cfg.reduce)
         R = reward(ro.x0, cfg).view(cfg.groups, -1)  # (G*K,) -> (G, K), group-major leaves
-        A = advantages(method, ro.log_prob, R, cfg, perm_gen)  # (G, K)
+        A = advantages(method, ro.log_prob, R, cfg, perm_gen, it)  # (G, K)
         for _ in range(cfg.updates_per_rollout):
             opt.zero_grad()
             ts.update(model, ro, None, A, clip_eps=cfg.clip_eps, reduce=cfg.reduce, **kl)
@@ -544,16 +554,20 @@ def write_outputs(out: str, cfg: Config, seeds: list, results: list, summary: di
 
 def parse_args(argv=None) -> tuple[Config, str | None]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
-    p.add_argument("--seed-offset", type=int, default=None, help="first seed (default 0)")
-    p.add_argument("--iters", type=int, default=None, help="fine-tuning iterations per method (default 150, quick 40)")
+    d = Config()
+    p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {d.seeds}, quick {QUICK['seeds']})")
+    p.add_argument("--seed-offset", type=int, default=None, help=f"first seed (default {d.seed_offset})")
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"fine-tuning iterations per method (default {d.iters}, quick {QUICK['iters']})")
+    p.add_argument("--paper-rewards", action="store_true",
+                   help="TMPO with the released configs' reward processing: R z-scored per group, beta 0.8 -> 2.0")
     p.add_argument("--out", default=None, help="write metrics.json, samples.png, training_curves.png here")
     p.add_argument("--quick", action="store_true", help="shorter pretraining and fine-tuning, fewer samples (< 1 min)")
     a = p.parse_args(argv)
     cfg = Config()
     if a.quick:
         cfg = replace(cfg, **QUICK)
-    overrides = {"seeds": a.seeds, "seed_offset": a.seed_offset, "iters": a.iters}
+    overrides = {"seeds": a.seeds, "seed_offset": a.seed_offset, "iters": a.iters, "paper_rewards": a.paper_rewards or None}
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
     return cfg, a.out
@@ -567,8 +581,10 @@ def main(argv=None):
     K = cfg.k ** len(cfg.branch_early)
     spec0 = ts.TreeSpec.tree(cfg.num_steps, cfg.branch_late, cfg.k, eta=cfg.eta)
     print(
-        f"2-D toy: {cfg.num_modes} modes, high-reward modes {list(cfg.high_modes)}, beta {cfg.beta} on raw rewards.\n"
-        f"Each of {len(METHODS) - 1} methods x {len(seeds)} seeds: {cfg.iters} iterations of {cfg.groups} groups x {K} "
+        f"2-D toy: {cfg.num_modes} modes, high-reward modes {list(cfg.high_modes)}, "
+        + ("TMPO on group z-scored rewards, beta 0.8 -> 2.0 (--paper-rewards).\n" if cfg.paper_rewards
+           else f"beta {cfg.beta} on raw rewards.\n")
+        + f"Each of {len(METHODS) - 1} methods x {len(seeds)} seeds: {cfg.iters} iterations of {cfg.groups} groups x {K} "
         f"leaves = {cfg.groups * K} leaves per rollout ({spec0.rollout_nfe(cfg.groups)} velocity evaluations at the "
         f"late tree), {cfg.updates_per_rollout} Adam steps per rollout (lr {cfg.lr}), clip {cfg.clip_eps}."
     )
