@@ -334,3 +334,29 @@ def test_update_rejects_wrong_advantage_shape():
     ro, cond = _rollout(model, ts.TreeSpec.tree(6, [0, 2], k=2), G=1)
     with pytest.raises(ValueError, match="leaves"):
         ts.update(model, ro, cond, torch.zeros(1, 3))
+
+
+def test_trajectory_log_ratio_equals_eq7_over_the_leaf_paths():
+    # Eq. (7) two ways: the sampler's one-forward-per-parent recompute, and tmpo.ratio_norm_log_ratio
+    # on every child transition (mean of its parent) summed along Rollout.paths().
+    model = MLP()
+    spec = ts.TreeSpec(6, roots=2, fanout={1: 3, 3: 2})
+    ro, cond = _rollout(model, spec, G=2, seed=7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        log_rho, _ = ts.trajectory_log_ratio(model, ro, cond, reduce="sum")
+        means, old, nxt, std = [], [], [], []
+        for tr in ro.transitions:
+            t = torch.full((tr.x.shape[0],), tr.t)
+            v = model(tr.x, t, cond[tr.group])
+            mean, s = ts.sde_mean_std(tr.x, v, tr.t, tr.t_next, spec.eta, spec.kind)
+            means.append(mean.repeat_interleave(tr.k, 0))
+            old.append(tr.mean.repeat_interleave(tr.k, 0))
+            nxt.append(tr.x_next)
+            std.append(torch.full((tr.x_next.shape[0],), s))
+        ref = tmpo.ratio_norm_log_ratio(torch.cat(means), torch.cat(old), torch.cat(nxt), torch.cat(std),
+                                        reduce="sum", paths=ro.paths())
+    assert ro.paths().shape == (2 * 12, 2)
+    assert torch.allclose(log_rho, ref, atol=1e-5)
+    assert log_rho.abs().max() > 1e-3  # the policy really moved
