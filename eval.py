@@ -267,8 +267,8 @@ def check_args(args: Args) -> dict:
     extra = sorted(set(paths) - set(names))
     if extra:
         raise EvalInputError(f"--metric-path given for {extra}, which is not among the metrics {names}")
-    if "lgmd" in paths:
-        raise EvalInputError("lgmd uses the FLUX latents and takes no --metric-path")
+    if "lgmd" in paths or "ocr" in paths:
+        raise EvalInputError("lgmd (the FLUX latents) and ocr (models inside rapidocr-onnxruntime) take no --metric-path")
     if "geneval" in paths:
         raise EvalInputError("give the GenEval server with --geneval-url, not --metric-path")
     if args.geneval_url and "geneval" not in names:

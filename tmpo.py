@@ -102,7 +102,8 @@ def softmax_tb_advantage(
     if not use_log_p:
         return log_q.detach()
     # p_i = P(tau_i) / sum_j P(tau_j): the group normalisation of the policy's trajectory
-    # probabilities; computed in float64 because log P under reduce="sum" is O(D) in magnitude.
+    # probabilities; in float64 (tree_sampler returns log P in float64) because log P under
+    # reduce="sum" is O(D) in magnitude and only its differences within the group matter.
     log_p = torch.log_softmax(traj_log_probs.double(), dim=-1).float()  # (..., K)
     return (log_q - log_p).detach()  # Eq. (5)
 

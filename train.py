@@ -90,8 +90,8 @@ Metrics (accelerate trackers, `--report-to`, and metrics.jsonl; means over all r
     reward/<name>      mean raw score of each reward model (e.g. reward/pickscore, ~22-24)
     policy/loss        the clipped surrogate loss of Eq. (6) (+ kl_coef * KL) at the parameters
                        before each update; policy/* are means over the step's updates
-    policy/clipfrac    fraction of leaves with |rho - 1| > clip_eps (always 0 on the first update,
-                       which is exactly on-policy: rho = 1)
+    policy/clipfrac    fraction of leaves with |rho - 1| > clip_eps (0 by construction on the first
+                       update: the parameters are the rollout's, so rho = 1 and no forward is spent on it)
     policy/approx_kl   0.5 mean (log rho)^2: how far earlier updates of this rollout moved the policy
     policy/kl          KL to the reference (LoRA disabled), summed along paths, mean over leaves
     adv/abs_mean       mean |A| (TMPO: Eq. 5; GRPO: Eq. 28)
@@ -202,7 +202,7 @@ class Args:
     output_dir: str = arg("outputs/tmpo", "checkpoints, run_summary.json, metrics.jsonl and tracker logs")
     save_every: int = arg(50, "write checkpoint-{step} every this many steps (and at the end)")
     resume: str = arg("", "continue from 'latest' (newest checkpoint in --output-dir) or a checkpoint folder")
-    stop_after_steps: int = arg(0, "stop after this many steps as a kill would (no final save); 0 = run to --max-steps")
+    stop_after_steps: int = arg(0, "stop once this step number is reached, as a kill would (no final save); 0 = run to --max-steps")
     report_to: str = arg("none", "metrics tracker: none | tensorboard | wandb", choices=("none", "tensorboard", "wandb"))
     tracker_project: str = arg("tmpo", "project name for the tracker")
 
@@ -263,6 +263,7 @@ def validate(args: Args) -> None:
     names = [n.strip() for n in args.reward.split(",")]
     unknown = [n for n in names if n not in rewards.REWARDS]
     need(not unknown, f"unknown reward(s) {unknown} in --reward {args.reward!r}; known: {', '.join(rewards.REWARDS)}")
+    need(not args.geneval_url or "geneval" in names, f"--geneval-url given but geneval is not in --reward {args.reward!r}")
     for item in args.reward_path:
         need("=" in item, f"--reward-path takes NAME=PATH, got {item!r}")
         need(item.split("=", 1)[0] in names, f"--reward-path {item!r} names a reward not in --reward {args.reward!r}")
@@ -386,7 +387,7 @@ def plan_lines(args: Args, world_size: int) -> list:
         rollout = f"{early.rollout_nfe(G)}"
     per_update = early.update_nfe(G)  # forwards with grad: one per unique parent of each SDE step
     extra = []
-    if args.updates_per_rollout > 1:
+    if args.updates_per_rollout > 1 and args.update_chunk > 0:
         extra.append(f"{per_update} without grad before each later update (the ratio at the new parameters)")
     if args.kl_coef > 0:
         extra.append(f"{per_update} reference forwards without grad per update (KL)")
@@ -520,13 +521,24 @@ def save_checkpoint(accelerator, args, step, transformer, params, keys, ema, opt
     return final
 
 
-def load_checkpoint(accelerator, path, params, keys, ema, optimizer, scheduler, noise_gen, sched_rng,
+# Flags that do not change what a run computes: free to differ when resuming. Every other flag must
+# equal the checkpoint's (schedules, data order and tree shapes depend on them).
+OPERATIONAL_ARGS = {"model", "output_dir", "resume", "stop_after_steps", "report_to", "tracker_project", "save_every",
+                    "rollout_batch", "decode_batch", "reward_path", "geneval_url", "gradient_checkpointing"}
+
+
+def load_checkpoint(accelerator, args, path, params, keys, ema, optimizer, scheduler, noise_gen, sched_rng,
                     sharded_optimizer: bool) -> int:
     """Restore everything `save_checkpoint` wrote; return the step to continue from."""
     state_file = os.path.join(path, "trainer_state.pt")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no trainer_state.pt)")
     state = torch.load(state_file, map_location="cpu", weights_only=False)
+    now = dataclasses.asdict(args)
+    changed = {k: (v, now[k]) for k, v in state["args"].items() if k not in OPERATIONAL_ARGS and k in now and v != now[k]}
+    if changed:
+        raise ValueError(f"{path} belongs to a run with other settings; resuming would not continue it. "
+                         + "; ".join(f"--{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items()))
     if state["world_size"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {state['world_size']} processes, this run has "
                          f"{accelerator.num_processes}: resume with the same number (each rank's noise stream is saved)")
@@ -546,6 +558,17 @@ def load_checkpoint(accelerator, path, params, keys, ema, optimizer, scheduler, 
     np.random.set_state(rank_state["numpy"])
     random.setstate(rank_state["python"])
     return int(state["step"])
+
+
+def _truncate_metrics_log(file: str, step: int) -> None:
+    """Keep metrics.jsonl's rows up to `step`: the killed run's later steps are run (and logged) again."""
+    if not os.path.isfile(file):
+        return
+    with open(file) as fh:
+        rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    with open(file + ".tmp", "w") as fh:
+        fh.writelines(rows)
+    os.replace(file + ".tmp", file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,11 +692,12 @@ def main(argv=None) -> None:
 
     start_step, last_ckpt = 0, None
     if resume_path:
-        start_step = load_checkpoint(accelerator, resume_path, params, keys, ema, optimizer, scheduler,
+        start_step = load_checkpoint(accelerator, args, resume_path, params, keys, ema, optimizer, scheduler,
                                      noise_gen, sched_rng, sharded)
         last_ckpt = resume_path
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
+            _truncate_metrics_log(os.path.join(args.output_dir, "metrics.jsonl"), start_step)
 
     plan = plan_lines(args, world)
     if is_main:

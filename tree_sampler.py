@@ -151,18 +151,16 @@ def sde_step(
 def transition_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std, reduce: str = "sum") -> torch.Tensor:
     """log N(x'; mu, s^2 I) per row, (N,) (Eq. 48), or its per-dimension mean (Eq. 49).
 
-    Eq. (48): -||x' - mu||^2 / (2 s^2) - D log s - (D / 2) log(2 pi). Accumulated in float64: under
+    Eq. (48): -||x' - mu||^2 / (2 s^2) - D log s - (D / 2) log(2 pi). Float64 in and out: under
     "sum" the value is O(D) (D = 65536 for FLUX at 512^2) and its differences matter.
     """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' (Eq. 48) or 'mean' (Eq. 49), got {reduce!r}")
     d = x_next[0].numel()
     sq = (x_next.double() - mean.double()).pow(2).flatten(1).sum(dim=1)  # (N,)
     s = float(std)
     logp = -sq / (2 * s * s) - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)  # Eq. (48)
-    if reduce == "sum":
-        return logp.float()
-    if reduce == "mean":
-        return (logp / d).float()  # Eq. (49)
-    raise ValueError(f"reduce must be 'sum' (Eq. 48) or 'mean' (Eq. 49), got {reduce!r}")
+    return logp if reduce == "sum" else logp / d  # Eq. (48) or Eq. (49), float64 (N,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +347,7 @@ class Transition:
     group: torch.Tensor  # (P,) group (prompt) of each parent, to index cond
     mean: torch.Tensor  # (P, *event) mu_old(x_n) under the rollout policy
     x_next: torch.Tensor  # (P*k, *event) children x_{n+1}; child c of parent p is row p*k + c
-    log_prob: torch.Tensor  # (P*k,) log N(x_next; mu_old, s^2) under reduce="sum" (Eq. 48)
+    log_prob: torch.Tensor  # (P*k,) float64 log N(x_next; mu_old, s^2) under reduce="sum" (Eq. 48)
     leaf_child: torch.Tensor  # (G*K,) row of x_next that each leaf descends from
 
 
@@ -370,14 +368,16 @@ class Rollout:
         return self.spec.leaves_per_group
 
     def traj_log_prob(self, reduce: Optional[str] = None) -> torch.Tensor:
-        """log P(tau_i) = sum over the leaf's stochastic transitions (Eq. 47), (G, K)."""
+        """log P(tau_i) = sum over the leaf's stochastic transitions (Eq. 47), (G, K), float64."""
         reduce = reduce or self.reduce
+        if reduce not in ("sum", "mean"):
+            raise ValueError(f"reduce must be 'sum' (Eq. 48) or 'mean' (Eq. 49), got {reduce!r}")
         total = torch.zeros(self.x0.shape[0], dtype=torch.float64, device=self.x0.device)
         d = self.x0[0].numel()
         for tr in self.transitions:
             lp = tr.log_prob.double()[tr.leaf_child]  # (G*K,)
             total += lp / d if reduce == "mean" else lp  # Eq. (49) or (48)
-        return total.float().view(self.num_groups, -1)
+        return total.view(self.num_groups, -1)
 
     @property
     def log_prob(self) -> torch.Tensor:
@@ -414,6 +414,8 @@ def rollout(
     SDE step each node's mean is computed once and its k children are mean + s * eps (Eq. 38).
     Nothing here needs grad: the update recomputes the stochastic transitions (see `update`).
     """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' (Eq. 48) or 'mean' (Eq. 49), got {reduce!r}")
     if len(sigmas) != spec.num_steps + 1:
         raise ValueError(f"sigmas has {len(sigmas)} entries, the spec needs num_steps + 1 = {spec.num_steps + 1}")
     G = num_groups
@@ -465,7 +467,9 @@ def _recompute_mean(velocity_fn: VelocityFn, tr: Transition, spec: TreeSpec, con
     """mu_theta(x_n) for the given parent rows, under the caller's grad mode, (U, *event).
 
     Uses exactly the (t, t', eta, kind) recorded at rollout: before the first update the recomputed
-    mean equals the rollout's and the importance ratio is exactly 1.
+    mean equals the rollout's and the importance ratio is 1 (bit-exact when the recompute batches
+    the parents as the rollout did, chunk_size=None; otherwise up to floating-point rounding of the
+    different batch shape, ~1e-6 in fp32, more in bf16).
     """
     x = tr.x[parent_rows]
     t = torch.full((x.shape[0],), tr.t, device=x.device, dtype=torch.float32)
@@ -558,7 +562,6 @@ def update(
     per_leaf: bool = False,
     kl_coef: float = 0.0,
     ref_velocity_fn: Optional[VelocityFn] = None,
-    loss_scale: float = 1.0,
     backward: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> dict:
     """Back-propagate the clipped loss of Eq. (6) (+ kl_coef * KL to a reference) into the params.
@@ -570,7 +573,8 @@ def update(
         sum_j W_j grad log r~_j with W_j = sum_{leaves i through j} dL/dlog rho_i
         (tmpo.surrogate_log_ratio_weights), so transitions are back-propagated c parents at a
         time. W needs rho at the current parameters: one forward without grad per parent first,
-        skipped when on_policy=True (parameters unchanged since the rollout, so rho = 1 exactly).
+        skipped when on_policy=True (parameters unchanged since the rollout, so rho = 1 by
+        definition; clipfrac and approx_kl of that update are then 0 by construction).
     per_leaf: recompute every leaf's path separately (what the tree avoids; same gradient).
     kl_coef, ref_velocity_fn: the GRPO baselines' KL to a reference model (Flow-GRPO's penalty),
         summed along each leaf's path and averaged over leaves; reference forwards run without grad.
@@ -614,7 +618,7 @@ def update(
             kl_chunk = (_leaves_below(tr, parent_rows, per_leaf) * gaussian_kl(mean, ref_mean, tr.std, reduce)).sum() / num_leaves
         if chunked:
             # d/dtheta of this surrogate is sum_j W_j grad log r~_j over the chunk's transitions
-            backward(((W[j][scored] * log_r).sum() + kl_coef * kl_chunk) * loss_scale)
+            backward((W[j][scored] * log_r).sum() + kl_coef * kl_chunk)
             chunks += 1
             kl_total = kl_total + kl_chunk.detach()
         else:
@@ -623,7 +627,7 @@ def update(
 
     if not chunked:
         log_rho = _gather_log_rho(ro, [torch.cat(p) for p in pieces], per_leaf)  # Eq. (7), with grad
-        backward((clipped_surrogate_loss(log_rho, A, clip_eps) + kl_coef * kl_total) * loss_scale)  # Eq. (6)
+        backward(clipped_surrogate_loss(log_rho, A, clip_eps) + kl_coef * kl_total)  # Eq. (6)
         chunks = 1
         log_rho = log_rho.detach()
 

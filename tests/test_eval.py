@@ -325,6 +325,7 @@ def no_generation(monkeypatch):
     (dict(metrics_="geneval,lgmd"), r"geneval needs each prompt's GenEval metadata"),
     (dict(metrics_="ocr"), r"target text in double quotes"),
     (dict(metrics_="lgmd", extra=["--metric-path", "pickscore=/x"]), r"--metric-path given for \['pickscore'\], which"),
+    (dict(metrics_="ocr,lgmd", extra=["--metric-path", "ocr=/x"]), r"ocr \(models inside rapidocr-onnxruntime\) take no"),
 ])
 def test_bad_input_fails_before_generation(assets, tmp_path, no_generation, case, match):
     out = tmp_path / "out"

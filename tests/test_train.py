@@ -165,6 +165,22 @@ def test_stopped_and_resumed_run_equals_uninterrupted(full_run, assets):
         torch.testing.assert_close(sb["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], rtol=0, atol=1e-9)
 
 
+def test_resume_refuses_other_settings_and_rewrites_the_lost_steps_log(full_run, assets):
+    import shutil
+
+    out_full, _ = full_run
+    out = assets["root"] / "killed_after_logging"
+    shutil.copytree(out_full, out)
+    # as if killed after step 2 was logged but before checkpoint-2 was complete
+    shutil.rmtree(out / "checkpoint-2")
+    flags = _flags(assets, out, "--max-steps", "2", "--save-every", "1", "--ema-every", "1")
+    other = _train(flags + ["--resume", "latest", "--lr", "1e-4"], check=False)
+    assert other.returncode != 0 and "--lr: checkpoint 5e-05, now 0.0001" in other.stderr
+    assert [r["step"] for r in _metrics(out)] == [1, 2]  # nothing touched by the refused resume
+    _train(flags + ["--resume", "latest", "--report-to", "none"])  # operational flags may differ
+    assert [r["step"] for r in _metrics(out)] == [1, 2]  # step 2 logged once, by the resumed run
+
+
 def test_existing_output_dir_without_resume_is_refused(full_run, assets):
     out, _ = full_run
     proc = _train(_flags(assets, out, "--max-steps", "2"), check=False)

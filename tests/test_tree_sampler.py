@@ -124,11 +124,14 @@ def test_flow_grpo_sde_preserves_gaussian_marginal():
 def test_transition_log_prob_matches_torch_normal():
     x_next, mean = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
     s = 0.37
-    ref = torch.distributions.Normal(mean, s).log_prob(x_next).flatten(1).sum(1)  # Eq. (48)
-    assert torch.allclose(ts.transition_log_prob(x_next, mean, s, "sum"), ref, atol=1e-4)
-    assert torch.allclose(ts.transition_log_prob(x_next, mean, s, "mean"), ref / 6, atol=1e-5)  # Eq. (49)
+    ref = torch.distributions.Normal(mean.double(), s).log_prob(x_next.double()).flatten(1).sum(1)  # Eq. (48)
+    assert ts.transition_log_prob(x_next, mean, s, "sum").dtype == torch.float64
+    assert torch.allclose(ts.transition_log_prob(x_next, mean, s, "sum"), ref, atol=1e-8)
+    assert torch.allclose(ts.transition_log_prob(x_next, mean, s, "mean"), ref / 6, atol=1e-9)  # Eq. (49)
     with pytest.raises(ValueError, match="reduce"):
         ts.transition_log_prob(x_next, mean, s, "avg")
+    with pytest.raises(ValueError, match="reduce"):
+        ts.rollout(MLP(), ts.TreeSpec(4, roots=1), ts.sigma_schedule(4), torch.zeros(1, 3), 1, (2,), reduce="avg")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ def test_rollout_without_branch_points_is_plain_euler():
         for n in range(8):
             x = x + (sig[n + 1] - sig[n]) * model(x, torch.full((4,), float(sig[n])), cond)
     assert torch.allclose(ro.x0, x, atol=1e-6)
-    assert ro.transitions == [] and torch.equal(ro.log_prob, torch.zeros(4, 1))
+    assert ro.transitions == [] and torch.equal(ro.log_prob, torch.zeros(4, 1, dtype=torch.float64))
 
 
 def test_tree_log_prob_is_sum_over_path_and_prefix_is_shared():

@@ -62,8 +62,8 @@ Metrics (per method and seed; metrics.py):
   wall_s              fine-tuning wall time (training steps only; 0 for base, which is not fine-tuned)
 
 Run (from the repository root):
-    python toy/compare_modes.py                        # 4 seeds: 92 s on 2 idle cores, 149 s on busy ones
-    python toy/compare_modes.py --quick                # 2 seeds, fewer iterations and samples: 21-29 s
+    python toy/compare_modes.py                        # 4 seeds: about 100 s on 2 cores (146 s on a busy machine)
+    python toy/compare_modes.py --quick                # 2 seeds, fewer iterations and samples: about 22 s
     python toy/compare_modes.py --out assets/toy       # + metrics.json and PNG figures
     python toy/compare_modes.py --seeds 5 --seed-offset 10 --iters 400
     python toy/compare_modes.py --paper-rewards        # TMPO with z-scored rewards, beta 0.8 -> 2.0 (released configs)
