@@ -366,7 +366,8 @@ def total_variation(p, q) -> float:
     return 0.5 * (p - q.to(p.device)).abs().sum().item()
 
 
-def _tilt_weights(base_rewards, beta: float) -> torch.Tensor:
+def tilt_weights(base_rewards, beta: float) -> torch.Tensor:
+    """(N,) float64 self-normalised weights of base samples under q ~ p_base exp(beta R)."""
     r = _as_float64(base_rewards, "base_rewards")
     if r.ndim != 1 or r.numel() == 0:
         raise ValueError(f"base_rewards: expected (N,) with N >= 1, got shape {tuple(r.shape)}")
@@ -385,7 +386,7 @@ def tilted_mode_masses(base_x, base_rewards, beta: float, centers) -> torch.Tens
     it: with a large beta a handful of samples carry all the weight.
     """
     xs = _points(base_x, "base_x")
-    w = _tilt_weights(base_rewards, beta)  # (N,)
+    w = tilt_weights(base_rewards, beta)  # (N,)
     if w.shape[0] != xs.shape[0]:
         raise ValueError(f"base_x has {xs.shape[0]} samples but base_rewards has {w.shape[0]}")
     num_modes = _points(centers, "centers").shape[0]
@@ -396,7 +397,7 @@ def tilted_mode_masses(base_x, base_rewards, beta: float, centers) -> torch.Tens
 def tilted_ess(base_rewards, beta: float) -> float:
     """Kish effective sample size of the tilt weights: 1 / sum_i w_i^2, in [1, N].
     N when the rewards are all equal (or beta = 0); 1 when one sample takes all the weight."""
-    w = _tilt_weights(base_rewards, beta)
+    w = tilt_weights(base_rewards, beta)
     return (1.0 / w.pow(2).sum()).item()
 
 

@@ -259,7 +259,7 @@ def validate(args: Args) -> None:
     need(args.reward_dtype in DTYPES, f"--reward-dtype must be bf16 or fp32, got {args.reward_dtype!r}")
     need(args.logprob_reduce in ("mean", "sum"), f"--logprob-reduce must be mean or sum, got {args.logprob_reduce!r}")
     need(args.sde_kind in ("cps", "flow_grpo"), f"--sde-kind must be cps or flow_grpo, got {args.sde_kind!r}")
-    need(args.report_to in ("none", "tensorboard", "wandb"), f"--report-to must be none, tensorboard or wandb")
+    need(args.report_to in ("none", "tensorboard", "wandb"), "--report-to must be none, tensorboard or wandb")
     names = [n.strip() for n in args.reward.split(",")]
     unknown = [n for n in names if n not in rewards.REWARDS]
     need(not unknown, f"unknown reward(s) {unknown} in --reward {args.reward!r}; known: {', '.join(rewards.REWARDS)}")

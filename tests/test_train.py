@@ -166,8 +166,6 @@ def test_stopped_and_resumed_run_equals_uninterrupted(full_run, assets):
 
 
 def test_resume_refuses_other_settings_and_rewrites_the_lost_steps_log(full_run, assets):
-    import shutil
-
     out_full, _ = full_run
     out = assets["root"] / "killed_after_logging"
     shutil.copytree(out_full, out)

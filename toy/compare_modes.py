@@ -344,7 +344,7 @@ def run_seed(cfg: Config, seed: int, log=print, check_kl_scale: bool = False):
     xb = ode_samples(base, cfg, target_noise)
     rb = reward(xb, cfg)
     target_masses = metrics.tilted_mode_masses(xb, rb, cfg.beta, centers)  # (M,)
-    weights = torch.softmax(cfg.beta * rb.double(), dim=0)  # (N,), the same weights as metrics uses
+    weights = metrics.tilt_weights(rb, cfg.beta)  # (N,) importance weights of q w.r.t. p_base
     target = {
         "mode_masses": target_masses.tolist(),
         "ess": metrics.tilted_ess(rb, cfg.beta),
