@@ -31,13 +31,14 @@ branch levels). Unlike the released code, `branch_schedule` always returns L dis
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from tmpo import clipped_surrogate_loss, gaussian_kl, ratio_norm_log_ratio, surrogate_log_ratio_weights
+from tmpo import DUAL_CLIP, clipped_surrogate_loss, gaussian_kl, ratio_norm_log_ratio, surrogate_log_ratio_weights
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -289,9 +290,11 @@ class TreeSpec:
             active *= self.fanout.get(n, 1)
         return counts
 
-    def rollout_nfe(self, num_groups: int = 1) -> int:
-        """Velocity evaluations of one rollout: sum over steps of the active nodes."""
-        return num_groups * sum(self.active_nodes())
+    def rollout_nfe(self, num_groups: int = 1, reference: bool = False) -> int:
+        """Velocity evaluations of one rollout: sum over steps of the active nodes (+ with a reference
+        model, one more per parent of each SDE step)."""
+        active = self.active_nodes()
+        return num_groups * (sum(active) + (sum(active[n] for n in self.fanout) if reference else 0))
 
     def update_nfe(self, num_groups: int = 1, per_leaf: bool = False) -> int:
         """Forwards with grad of one update: one per unique parent of each SDE step (or per leaf path)."""
@@ -349,6 +352,7 @@ class Transition:
     x_next: torch.Tensor  # (P*k, *event) children x_{n+1}; child c of parent p is row p*k + c
     log_prob: torch.Tensor  # (P*k,) float64 log N(x_next; mu_old, s^2) under reduce="sum" (Eq. 48)
     leaf_child: torch.Tensor  # (G*K,) row of x_next that each leaf descends from
+    ref_log_prob: Optional[torch.Tensor] = None  # (P*k,) float64 log N(x_next; mu_ref, s^2), with a reference
 
 
 @dataclass
@@ -360,28 +364,38 @@ class Rollout:
     x0: torch.Tensor  # (G*K, *event) the final samples
     transitions: list[Transition]
     num_groups: int
-    nfe: int  # velocity evaluations (node-steps) spent
+    nfe: int  # velocity evaluations (node-steps) spent, the reference's included
     reduce: str = "mean"
 
     @property
     def leaves_per_group(self) -> int:
         return self.spec.leaves_per_group
 
-    def traj_log_prob(self, reduce: Optional[str] = None) -> torch.Tensor:
-        """log P(tau_i) = sum over the leaf's stochastic transitions (Eq. 47), (G, K), float64."""
+    def traj_log_prob(self, reduce: Optional[str] = None, reference: bool = False) -> torch.Tensor:
+        """log P(tau_i) = sum over the leaf's stochastic transitions (Eq. 47), (G, K), float64.
+
+        reference=True: the same recorded transitions scored under the reference model's means,
+        log P_ref(tau_i) (needs `rollout(..., ref_velocity_fn=...)`).
+        """
         reduce = reduce or self.reduce
         if reduce not in ("sum", "mean"):
             raise ValueError(f"reduce must be 'sum' (Eq. 48) or 'mean' (Eq. 49), got {reduce!r}")
+        if reference and any(tr.ref_log_prob is None for tr in self.transitions):
+            raise ValueError("this rollout has no reference log-probs: pass ref_velocity_fn to rollout()")
         total = torch.zeros(self.x0.shape[0], dtype=torch.float64, device=self.x0.device)
         d = self.x0[0].numel()
         for tr in self.transitions:
-            lp = tr.log_prob.double()[tr.leaf_child]  # (G*K,)
+            lp = (tr.ref_log_prob if reference else tr.log_prob).double()[tr.leaf_child]  # (G*K,)
             total += lp / d if reduce == "mean" else lp  # Eq. (49) or (48)
         return total.view(self.num_groups, -1)
 
     @property
     def log_prob(self) -> torch.Tensor:
         return self.traj_log_prob(self.reduce)
+
+    @property
+    def ref_log_prob(self) -> torch.Tensor:
+        return self.traj_log_prob(self.reduce, reference=True)
 
     def paths(self) -> torch.Tensor:
         """(G*K, L) index of each leaf's transition in the concatenation of all records' children."""
@@ -390,6 +404,23 @@ class Rollout:
             cols.append(tr.leaf_child + off)
             off += tr.x_next.shape[0]
         return torch.stack(cols, dim=1) if cols else torch.zeros(self.x0.shape[0], 0, dtype=torch.long)
+
+    def unshared(self) -> "Rollout":
+        """The same trajectories with every leaf's path stored on its own (k = 1, one parent per leaf).
+
+        An update on it recomputes each leaf's path separately: what a sampler without prefix
+        sharing pays (benchmarks/iteration_cost.py). Same leaves, log-probs and gradient.
+        """
+        transitions = []
+        for tr in self.transitions:
+            parent = tr.leaf_child // tr.k  # (G*K,) parent row of each leaf
+            transitions.append(dataclasses.replace(
+                tr, k=1, x=tr.x[parent], group=tr.group[parent], mean=tr.mean[parent],
+                x_next=tr.x_next[tr.leaf_child], log_prob=tr.log_prob[tr.leaf_child],
+                ref_log_prob=None if tr.ref_log_prob is None else tr.ref_log_prob[tr.leaf_child],
+                leaf_child=torch.arange(parent.shape[0], device=parent.device),
+            ))
+        return dataclasses.replace(self, transitions=transitions)
 
 
 @torch.no_grad()
@@ -406,6 +437,7 @@ def rollout(
     dtype: torch.dtype = torch.float32,
     max_batch: Optional[int] = None,
     reduce: str = "mean",
+    ref_velocity_fn: Optional[VelocityFn] = None,
 ) -> Rollout:
     """Sample G groups of `spec.leaves_per_group` trajectories as prefix-sharing trees (Sec. 4.2).
 
@@ -413,6 +445,10 @@ def rollout(
     max_batch only to bound memory). Deterministic steps are Euler steps (Eq. 3 with a = 0); at an
     SDE step each node's mean is computed once and its k children are mean + s * eps (Eq. 38).
     Nothing here needs grad: the update recomputes the stochastic transitions (see `update`).
+    ref_velocity_fn: the reference model (the base) for the reward-tilted target. At every SDE step
+    it runs once more on the same parents, and the recorded children are scored under its mean:
+    log P_ref of every leaf (Rollout.ref_log_prob) for one extra forward per unique parent of the
+    SDE steps (3 + 9 = 12 per group for the default tree), counted in `nfe`.
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' (Eq. 48) or 'mean' (Eq. 49), got {reduce!r}")
@@ -443,6 +479,12 @@ def rollout(
         mean_children = mean.repeat_interleave(k, dim=0)  # (P*k, *event): child c of p at p*k + c
         noise = torch.randn(mean_children.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_next = mean_children + s * noise  # Eq. (38)
+        ref_log_prob = None
+        if ref_velocity_fn is not None:  # the same parents under the reference: log P_ref of the children
+            ref_mean, _ = sde_mean_std(x, _velocity(ref_velocity_fn, x, t, cond, group, max_batch), t, t_next,
+                                       spec.eta, spec.kind)  # (P, *event)
+            nfe += x.shape[0]
+            ref_log_prob = transition_log_prob(x_next, ref_mean.repeat_interleave(k, dim=0), s)  # Eq. (48), (P*k,)
         node_child = [c.repeat_interleave(k) for c in node_child]
         node_child.append(torch.arange(x_next.shape[0], device=x.device))
         records.append(
@@ -450,6 +492,7 @@ def rollout(
                 step=n, t=t, t_next=t_next, std=s, k=k, x=x, group=group, mean=mean, x_next=x_next,
                 log_prob=transition_log_prob(x_next, mean_children, s, reduce="sum"),  # Eq. (48)
                 leaf_child=node_child[-1],  # completed below, once the leaves are known
+                ref_log_prob=ref_log_prob,
             )
         )
         x, group = x_next, group.repeat_interleave(k)
@@ -478,44 +521,32 @@ def _recompute_mean(velocity_fn: VelocityFn, tr: Transition, spec: TreeSpec, con
     return mean
 
 
-def _chunks(n: int, size: Optional[int]) -> list[slice]:
-    step = n if size is None else size
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+def _recompute(velocity_fn, ro: Rollout, cond, reduce, ratio_norm, chunk_size):
+    """Recompute every SDE step's means, chunk_size parents at a time, under the caller's grad mode.
 
-
-def _recompute(velocity_fn, ro: Rollout, cond, reduce, ratio_norm, per_leaf, chunk_size):
-    """Recompute every scored transition, chunk by chunk, under the caller's grad mode.
-
-    A "unit" is one forward: a unique parent (default) or, with per_leaf, one leaf's own copy of its
-    parent (the cost of recomputing each leaf's path separately). The scored transitions of a
-    record are its P*k children (default; a chunk of parents [a, b) scores children [a k, b k)) or
-    one per leaf (per_leaf; chunk [a, b) scores leaves [a, b)). Yields
-    (record index, record, parent rows (u,), mean (u, *event), scored slice, log r~ (c,)).
+    One forward per unique parent: its k children share it. Yields, per chunk of parents [a, b) of
+    record j: (j, record, parent rows (u,), mean (u, *event), children slice [a k, b k),
+    log r~ of those children (u k,)).
     """
     for j, tr in enumerate(ro.transitions):
-        num_units = tr.leaf_child.shape[0] if per_leaf else tr.x.shape[0]
-        for sl in _chunks(num_units, chunk_size):
-            if per_leaf:
-                rows = tr.leaf_child[sl]  # (c,) child row of each leaf in the chunk
-                parent_rows = rows // tr.k  # (u = c,) duplicated parents: one forward per leaf
-                mean = _recompute_mean(velocity_fn, tr, ro.spec, cond, parent_rows)
-                mean_rows, scored = mean, sl
-            else:
-                parent_rows = torch.arange(sl.start, sl.stop, device=tr.x.device)  # (u,) unique parents
-                rows = torch.arange(sl.start * tr.k, sl.stop * tr.k, device=tr.x.device)  # (u*k,)
-                mean = _recompute_mean(velocity_fn, tr, ro.spec, cond, parent_rows)
-                mean_rows, scored = mean.repeat_interleave(tr.k, dim=0), slice(sl.start * tr.k, sl.stop * tr.k)
-            log_r = ratio_norm_log_ratio(  # Eqs. (31)-(32), one per scored transition
-                mean_rows, tr.mean[rows // tr.k], tr.x_next[rows], tr.std, reduce=reduce, ratio_norm=ratio_norm
+        num_parents = tr.x.shape[0]
+        for a in range(0, num_parents, chunk_size or num_parents):
+            b = min(a + (chunk_size or num_parents), num_parents)
+            parents = torch.arange(a, b, device=tr.x.device)  # (u,)
+            mean = _recompute_mean(velocity_fn, tr, ro.spec, cond, parents)  # (u, *event)
+            children = slice(a * tr.k, b * tr.k)
+            log_r = ratio_norm_log_ratio(  # Eqs. (31)-(32), one per child (u k,)
+                mean.repeat_interleave(tr.k, dim=0), tr.mean[a:b].repeat_interleave(tr.k, dim=0),
+                tr.x_next[children], tr.std, reduce=reduce, ratio_norm=ratio_norm,
             )
-            yield j, tr, parent_rows, mean, scored, log_r
+            yield j, tr, parents, mean, children, log_r
 
 
-def _gather_log_rho(ro: Rollout, step_log_r: list[torch.Tensor], per_leaf: bool) -> torch.Tensor:
+def _gather_log_rho(ro: Rollout, step_log_r: list[torch.Tensor]) -> torch.Tensor:
     """Eq. (7): log rho_i = sum over leaf i's stochastic transitions, (G*K,)."""
     log_rho = torch.zeros(ro.x0.shape[0], device=ro.x0.device)
     for tr, log_r in zip(ro.transitions, step_log_r):
-        log_rho = log_rho + (log_r if per_leaf else log_r[tr.leaf_child])  # (G*K,)
+        log_rho = log_rho + log_r[tr.leaf_child]  # (P*k,) -> (G*K,)
     return log_rho
 
 
@@ -525,28 +556,18 @@ def trajectory_log_ratio(
     cond: Any,
     reduce: str = "mean",
     ratio_norm: bool = True,
-    per_leaf: bool = False,
     chunk_size: Optional[int] = None,
 ):
     """log rho_i (Eq. 7) of every leaf at the current parameters, (G*K,), and the forwards spent.
 
-    Runs under the caller's grad mode: one forward per unique parent of every SDE step, or with
-    per_leaf one per leaf and SDE step.
+    Runs under the caller's grad mode: one forward per unique parent of every SDE step.
     """
     pieces: list[list[torch.Tensor]] = [[] for _ in ro.transitions]
     nfe = 0
-    for j, _, parent_rows, _, _, log_r in _recompute(velocity_fn, ro, cond, reduce, ratio_norm, per_leaf, chunk_size):
+    for j, _, parents, _, _, log_r in _recompute(velocity_fn, ro, cond, reduce, ratio_norm, chunk_size):
         pieces[j].append(log_r)
-        nfe += parent_rows.shape[0]
-    return _gather_log_rho(ro, [torch.cat(p) for p in pieces], per_leaf), nfe
-
-
-def _leaves_below(tr: Transition, parent_rows: torch.Tensor, per_leaf: bool) -> torch.Tensor:
-    """Leaves under each unit's parent: the weight of its KL term in the average over leaves, (u,)."""
-    if per_leaf:
-        return torch.ones(parent_rows.shape[0], device=parent_rows.device)
-    counts = torch.bincount(tr.leaf_child // tr.k, minlength=tr.x.shape[0]).float()  # (P,)
-    return counts[parent_rows]
+        nfe += parents.shape[0]
+    return _gather_log_rho(ro, [torch.cat(p) for p in pieces]), nfe
 
 
 def update(
@@ -555,11 +576,11 @@ def update(
     cond: Any,
     advantages: torch.Tensor,
     clip_eps: float = 0.2,
+    dual_clip: Optional[float] = DUAL_CLIP,
     reduce: str = "mean",
     ratio_norm: bool = True,
     chunk_size: Optional[int] = None,
     on_policy: bool = False,
-    per_leaf: bool = False,
     kl_coef: float = 0.0,
     ref_velocity_fn: Optional[VelocityFn] = None,
     backward: Optional[Callable[[torch.Tensor], None]] = None,
@@ -567,6 +588,7 @@ def update(
     """Back-propagate the clipped loss of Eq. (6) (+ kl_coef * KL to a reference) into the params.
 
     advantages: (G, K), detached (Eq. 5 or Eq. 28). The caller zeroes grads and steps the optimizer.
+    dual_clip: c of tmpo.clipped_ratio (the cap on rho of a leaf with A < 0; None = Eq. 6 exactly).
     chunk_size=None: the plain update: log rho of every leaf in one graph, the loss, one backward.
     chunk_size=c: the same gradient with at most c forwards with grad alive at once. The loss
         couples a leaf to every transition on its path, but its gradient is
@@ -575,7 +597,6 @@ def update(
         time. W needs rho at the current parameters: one forward without grad per parent first,
         skipped when on_policy=True (parameters unchanged since the rollout, so rho = 1 by
         definition; clipfrac and approx_kl of that update are then 0 by construction).
-    per_leaf: recompute every leaf's path separately (what the tree avoids; same gradient).
     kl_coef, ref_velocity_fn: the GRPO baselines' KL to a reference model (Flow-GRPO's penalty),
         summed along each leaf's path and averaged over leaves; reference forwards run without grad.
     backward: how to back-propagate a loss (e.g. accelerator.backward); default loss.backward().
@@ -593,32 +614,30 @@ def update(
     nfe_grad = nfe_nograd = chunks = 0
     kl_total = torch.zeros((), device=ro.x0.device)
 
-    W = None
-    if chunked:
+    if chunked:  # W_j of every transition j, from rho at the current parameters
         if on_policy:
             log_rho = torch.zeros(num_leaves, device=ro.x0.device)  # theta == theta_old: rho = 1
         else:
             with torch.no_grad():
-                log_rho, nfe_nograd = trajectory_log_ratio(velocity_fn, ro, cond, reduce, ratio_norm, per_leaf, chunk_size)
-        w = surrogate_log_ratio_weights(log_rho, A, clip_eps)  # (G*K,) dL / dlog rho_i
-        # W_j: summed weight of the leaves through transition j; per_leaf scores leaf i's own step
-        W = [w if per_leaf else torch.zeros(tr.x_next.shape[0], device=w.device).index_add_(0, tr.leaf_child, w)
+                log_rho, nfe_nograd = trajectory_log_ratio(velocity_fn, ro, cond, reduce, ratio_norm, chunk_size)
+        w = surrogate_log_ratio_weights(log_rho, A, clip_eps, dual_clip)  # (G*K,) dL / dlog rho_i
+        W = [torch.zeros(tr.x_next.shape[0], device=w.device).index_add_(0, tr.leaf_child, w)  # (P*k,)
              for tr in ro.transitions]
 
     pieces: list[list[torch.Tensor]] = [[] for _ in ro.transitions]
-    for j, tr, parent_rows, mean, scored, log_r in _recompute(
-        velocity_fn, ro, cond, reduce, ratio_norm, per_leaf, chunk_size
-    ):
-        nfe_grad += parent_rows.shape[0]
+    for j, tr, parents, mean, children, log_r in _recompute(velocity_fn, ro, cond, reduce, ratio_norm, chunk_size):
+        nfe_grad += parents.shape[0]
         kl_chunk = torch.zeros((), device=ro.x0.device)
         if kl_coef > 0:
             with torch.no_grad():
-                ref_mean = _recompute_mean(ref_velocity_fn, tr, ro.spec, cond, parent_rows)
-            nfe_nograd += parent_rows.shape[0]
-            kl_chunk = (_leaves_below(tr, parent_rows, per_leaf) * gaussian_kl(mean, ref_mean, tr.std, reduce)).sum() / num_leaves
+                ref_mean = _recompute_mean(ref_velocity_fn, tr, ro.spec, cond, parents)
+            nfe_nograd += parents.shape[0]
+            # each parent's KL counts once per leaf below it: the average over leaves of their paths
+            leaves_below = torch.bincount(tr.leaf_child // tr.k, minlength=tr.x.shape[0])[parents].float()  # (u,)
+            kl_chunk = (leaves_below * gaussian_kl(mean, ref_mean, tr.std, reduce)).sum() / num_leaves
         if chunked:
             # d/dtheta of this surrogate is sum_j W_j grad log r~_j over the chunk's transitions
-            backward((W[j][scored] * log_r).sum() + kl_coef * kl_chunk)
+            backward((W[j][children] * log_r).sum() + kl_coef * kl_chunk)
             chunks += 1
             kl_total = kl_total + kl_chunk.detach()
         else:
@@ -626,13 +645,13 @@ def update(
             kl_total = kl_total + kl_chunk
 
     if not chunked:
-        log_rho = _gather_log_rho(ro, [torch.cat(p) for p in pieces], per_leaf)  # Eq. (7), with grad
-        backward(clipped_surrogate_loss(log_rho, A, clip_eps) + kl_coef * kl_total)  # Eq. (6)
+        log_rho = _gather_log_rho(ro, [torch.cat(p) for p in pieces])  # Eq. (7), with grad
+        backward(clipped_surrogate_loss(log_rho, A, clip_eps, dual_clip) + kl_coef * kl_total)  # Eq. (6)
         chunks = 1
         log_rho = log_rho.detach()
 
     rho = log_rho.exp()
-    loss = clipped_surrogate_loss(log_rho, A, clip_eps) + kl_coef * kl_total.detach()
+    loss = clipped_surrogate_loss(log_rho, A, clip_eps, dual_clip) + kl_coef * kl_total.detach()
     return {
         "loss": float(loss),
         "clipfrac": float(((rho - 1).abs() > clip_eps).float().mean()),

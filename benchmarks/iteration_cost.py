@@ -19,7 +19,7 @@ reaches the floor the mathematics allows:
 Methods (one iteration = rollout + advantage + update + AdamW step on the LoRA weights):
   tmpo           tree rollout; plain update (chunk_size=None: one graph, one backward).
   tmpo_chunked   tree rollout; update(chunk_size=c, on_policy=True): same gradient, <= c graphs.
-  tmpo_per_leaf  tree rollout; update(per_leaf=True): recompute each leaf's own path (what the
+  tmpo_per_leaf  tree rollout; update on Rollout.unshared(): recompute each leaf's own path (what the
                  tree avoids; 54 forwards with grad instead of 12).
   no_tree        the paper's "w/o tree structure" (Table 2: "independent rollouts"): K independent
                  trajectories, CPS SDE at the tree's SDE steps (2, 3), Softmax-TB advantage.
@@ -378,14 +378,14 @@ class Method:
     description: str
     spec: ts.TreeSpec
     advantage: str  # "softmax_tb" (Eq. 5) or "grpo" (Eq. 28)
-    per_leaf: bool = False
+    per_leaf: bool = False  # update on Rollout.unshared(): every leaf's path recomputed on its own
     chunk_size: Optional[int] = None  # None = plain update (one graph)
     on_policy: bool = False
     kl_coef: float = 0.0
     paper: Optional[str] = None  # the paper's number for this row, as printed
 
     def update_kwargs(self) -> dict:
-        return dict(per_leaf=self.per_leaf, chunk_size=self.chunk_size, on_policy=self.on_policy, kl_coef=self.kl_coef)
+        return dict(chunk_size=self.chunk_size, on_policy=self.on_policy, kl_coef=self.kl_coef)
 
     def expected_nfe(self, G: int) -> dict:
         """Forwards the floor allows, from TreeSpec's formulas (the counters must agree)."""
@@ -461,7 +461,7 @@ def run_iteration(method: Method, model: Model, counter: CountingVelocity, ref_c
     counter.reset()
     optimizer.zero_grad(set_to_none=True)
     A = _advantages(method, ro, rewards, args.beta)
-    out = ts.update(counter, ro, model.cond, A, ref_velocity_fn=ref_counter if method.kl_coef > 0 else None,
+    out = ts.update(counter, ro.unshared() if method.per_leaf else ro, model.cond, A, ref_velocity_fn=ref_counter if method.kl_coef > 0 else None,
                     **method.update_kwargs())
     torch.nn.utils.clip_grad_norm_(model.lora_params, args.max_grad_norm)
     optimizer.step()
@@ -510,7 +510,8 @@ def check_gradients(model: Model, args: Args, device: torch.device) -> dict:
     for name, kw in variants.items():
         for p in model.lora_params:
             p.grad = None
-        ts.update(model.velocity_fn, ro, model.cond, A, **kw)
+        rollout = ro.unshared() if kw.pop("per_leaf", False) else ro
+        ts.update(model.velocity_fn, rollout, model.cond, A, **kw)
         grads[name] = _flat_grad(model.lora_params)
     for p in model.lora_params:
         p.grad = None

@@ -276,13 +276,14 @@ def test_tree_gradient_equals_per_leaf_gradient_and_chunked(reduce):
     grads, stats = {}, {}
     for name, kw in {
         "tree": dict(),
-        "per_leaf": dict(per_leaf=True),
+        "per_leaf": dict(unshared=True),
         "chunked": dict(chunk_size=2),
-        "chunked_per_leaf": dict(chunk_size=7, per_leaf=True),
+        "chunked_per_leaf": dict(chunk_size=7, unshared=True),
     }.items():
         model.zero_grad()
         model.calls.clear()
-        stats[name] = ts.update(model, ro, cond, A, clip_eps=0.2, reduce=reduce, **kw)
+        rollout = ro.unshared() if kw.pop("unshared", False) else ro
+        stats[name] = ts.update(model, rollout, cond, A, clip_eps=0.2, reduce=reduce, **kw)
         grads[name] = _grads(model)
     assert stats["tree"]["nfe_grad"] == 24 and stats["per_leaf"]["nfe_grad"] == 2 * 54
     assert stats["chunked"]["nfe_nograd"] == 24  # rho at the current parameters, no graph
@@ -363,3 +364,49 @@ def test_trajectory_log_ratio_equals_eq7_over_the_leaf_paths():
     assert ro.paths().shape == (2 * 12, 2)
     assert torch.allclose(log_rho, ref, atol=1e-5)
     assert log_rho.abs().max() > 1e-3  # the policy really moved
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference process (reward-tilted target)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reference_log_probs_cost_one_forward_per_parent_and_score_the_recorded_children():
+    model, ref = MLP(seed=0), MLP(seed=1)
+    spec = ts.TreeSpec.tree(6, [0, 3, 4], k=3)  # the default FLUX tree: 3 roots, SDE at steps 3 and 4
+    cond = torch.randn(2, 3, generator=torch.Generator().manual_seed(99))
+    sig = ts.sigma_schedule(6, shift=3.0)
+    plain = ts.rollout(model, spec, sig, cond, 2, (2,), generator=torch.Generator().manual_seed(0), reduce="sum")
+    model.calls.clear()
+    ro = ts.rollout(model, spec, sig, cond, 2, (2,), generator=torch.Generator().manual_seed(0), reduce="sum",
+                    ref_velocity_fn=ref)
+    # the reference costs 3 + 9 = 12 forwards per group, in one batched call per SDE step
+    assert ref.calls == [2 * 3, 2 * 9] and ro.nfe == plain.nfe + 2 * 12 == spec.rollout_nfe(2, reference=True)
+    assert torch.equal(ro.x0, plain.x0) and torch.equal(ro.log_prob, plain.log_prob)  # sampling unchanged
+    # log P_ref: every recorded child scored under the reference's mean, summed along each leaf's path
+    expected = torch.zeros(2 * 27, dtype=torch.float64)
+    for tr in ro.transitions:
+        with torch.no_grad():
+            v = ref(tr.x, torch.full((tr.x.shape[0],), tr.t), cond[tr.group])
+        mean, s = ts.sde_mean_std(tr.x, v, tr.t, tr.t_next, spec.eta, spec.kind)
+        lp = torch.distributions.Normal(mean.double().repeat_interleave(3, 0), s).log_prob(tr.x_next.double()).sum(-1)
+        expected += lp[tr.leaf_child]
+    assert torch.allclose(ro.ref_log_prob.reshape(-1), expected, rtol=1e-9, atol=1e-6)
+    assert not torch.allclose(ro.ref_log_prob, ro.log_prob)
+    # the policy as its own reference: log P_ref = log P exactly
+    same = ts.rollout(model, spec, sig, cond, 2, (2,), generator=torch.Generator().manual_seed(0), ref_velocity_fn=model)
+    assert torch.equal(same.ref_log_prob, same.log_prob)
+    with pytest.raises(ValueError, match="ref_velocity_fn"):
+        plain.ref_log_prob
+
+
+def test_unshared_rollout_has_the_same_paths_at_the_per_leaf_cost():
+    model = MLP()
+    spec = ts.TreeSpec.tree(6, [0, 2, 3], k=3)
+    ro, cond = _rollout(model, spec, G=2)
+    flat = ro.unshared()
+    assert torch.equal(flat.log_prob, ro.log_prob) and torch.equal(flat.x0, ro.x0)
+    assert all(tr.k == 1 and tr.x.shape[0] == 54 for tr in flat.transitions)
+    with torch.no_grad():
+        log_rho, nfe = ts.trajectory_log_ratio(model, flat, cond, reduce="sum")
+    assert nfe == spec.update_nfe(2, per_leaf=True) == 2 * 54 and torch.allclose(log_rho, torch.zeros(54), atol=1e-6)
