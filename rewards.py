@@ -167,8 +167,10 @@ def _from_pretrained(cls, path: str, what: str, how: str, **kw):
     try:
         return cls.from_pretrained(path, **kw)
     except Exception as e:  # missing folder, no network for a hub id, missing or corrupt file...
-        raise FileNotFoundError(f"could not load {what} from '{path}' ({type(e).__name__}: {str(e)[:300]}). "
-                                f"{how}") from e
+        got = f"{type(e).__name__}: {str(e)[:300]}"
+        if not os.path.exists(path):
+            got = f"{path} does not exist as a folder; as a hub id: {got}"
+        raise FileNotFoundError(f"could not load {what} from '{path}' ({got}). {how}") from e
 
 
 def converted_folder(path, name: str) -> tuple[str, dict]:
