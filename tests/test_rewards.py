@@ -1,12 +1,15 @@
-"""Tests for rewards.py: every reward re-derived or checked against an independent computation.
+"""Tests for rewards.py and the converters in tools/: every reward re-derived or checked against an
+independent computation.
 
-- HPS-v2.1: open_clip's forward re-derived in plain torch (conv patchify, class token, nn.MultiheadAttention
-  semantics via F.multi_head_attention_forward, causal text blocks, argmax-token pooling) on a tiny random
-  open_clip state dict, against the converted transformers CLIPModel; pooling equivalence; key accounting.
-- ImageReward: BLIP's ViT + med.py BERT with cross-attention + MLP head re-derived in plain torch on a tiny
-  random checkpoint in ImageReward.pt's key layout; every key used exactly once; tokenizer layout.
+- HPS-v2.1: a tiny random checkpoint in open_clip's format, converted by tools/convert_hps.py (its command
+  line, in a fresh process), loaded by rewards.py, against open_clip's forward re-derived in plain torch
+  (conv patchify, class token, nn.MultiheadAttention semantics via F.multi_head_attention_forward, causal
+  text blocks, argmax-token pooling); pooling equivalence; key accounting; converter and loader errors.
+- ImageReward: the same for tools/convert_imagereward.py, against BLIP's ViT + med.py BERT with
+  cross-attention + MLP head re-derived in plain torch; every key used exactly once; tokenizer layout.
 - PickScore: 100 x cosine from the CLIPModel's own projections.
-- GenEval: a real HTTP server on 127.0.0.1 (http.server, in a thread) speaking the reward-server protocol.
+- GenEval: a real HTTP server on 127.0.0.1 (http.server, in a thread) speaking the reward-server protocol,
+  and servers that misbehave: never reply, reply garbage or None, are not there.
 - OCR: edit distances computed by hand; a real RapidOCR run on a rendered word (skipped if not installed).
 - Multi-reward: the App. D.2 aggregate recomputed by hand, its invariances, and errors.
 Reference-library tests (open_clip, the ImageReward package, torchvision) run where those import.
@@ -15,10 +18,13 @@ Reference-library tests (open_clip, the ImageReward package, torchvision) run wh
 """
 
 import io
+import json
 import math
 import os
 import pickle
+import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -38,8 +44,9 @@ import rewards  # noqa: E402
 from tiny_rewards import (  # noqa: E402, F401  (fixtures are found by name)
     BLIP_VIT_WIDTH,
     HEADS,
-    build_tiny_hps,
-    build_tiny_imagereward,
+    TOOLS,
+    convert_hps,
+    convert_imagereward,
     tiny_bert_tokenizer,
     tiny_clip_tokenizer,
     tiny_hps_dir,
@@ -48,6 +55,8 @@ from tiny_rewards import (  # noqa: E402, F401  (fixtures are found by name)
     tiny_open_clip_cfg,
     tiny_open_clip_state_dict,
     tiny_pickscore_dir,
+    write_tiny_hps_checkpoint,
+    write_tiny_imagereward_checkpoint,
 )
 
 PROMPTS = ["a photo of a cat", "a red cube on the sign", 'a sign that says "hello"']
@@ -130,7 +139,7 @@ def test_clip_pixels_matches_torchvision():
 
 
 # ----------------------------------------------------------------------------------------------
-# HPS-v2.1: open_clip -> transformers CLIPModel
+# HPS-v2.1: open_clip checkpoint -> tools/convert_hps.py -> transformers CLIPModel folder
 # ----------------------------------------------------------------------------------------------
 
 
@@ -177,10 +186,36 @@ def ref_open_clip_text(sd, ids, cfg):
 LONG_PROMPT = " ".join(["a red cube on the sign with a blue dog"] * 12)  # > 77 tokens: truncated
 
 
-def test_hps_conversion_matches_open_clip_forward(tiny_hps_dir):
-    hps = rewards.load_reward("hps", path=tiny_hps_dir)
-    sd = torch.load(os.path.join(tiny_hps_dir, rewards.HPS_FILENAME), weights_only=True)["state_dict"]
-    cfg = rewards.open_clip_model_cfg(tiny_hps_dir)
+def _run_tool(script, *args):
+    """Run a converter as a user does (a fresh process, its command line); returns its stdout."""
+    result = subprocess.run([sys.executable, os.path.join(TOOLS, script), *map(str, args)], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _convert_tiny(tmp_path_factory, write_checkpoint, script, config_flag, config_file):
+    """(folder of an official-format tiny checkpoint, the folder tools/`script` made of it from the
+    command line), the tokenizer and architecture config taken from the official folder."""
+    root = tmp_path_factory.mktemp(script[:-3])
+    official, out = root / "official", root / "converted"
+    checkpoint = write_checkpoint(official)
+    _run_tool(script, "--checkpoint", checkpoint, "--tokenizer", official, config_flag, official / config_file,
+              "--out", out)
+    return str(official), str(out)
+
+
+@pytest.fixture(scope="module")
+def hps_pair(tmp_path_factory):
+    return _convert_tiny(tmp_path_factory, write_tiny_hps_checkpoint, "convert_hps.py", "--open-clip-config",
+                         "open_clip_config.json")
+
+
+def test_hps_conversion_matches_open_clip_forward(hps_pair):
+    official, converted = hps_pair
+    hps = rewards.load_reward("hps", path=converted)
+    sd = torch.load(os.path.join(official, "HPS_v2.1_compressed.pt"), weights_only=True)["state_dict"]
+    cfg = convert_hps.open_clip_model_cfg(os.path.join(official, "open_clip_config.json"))
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     prompts = PROMPTS[:2] + [LONG_PROMPT]
     ids = hps.tokenize(prompts)
@@ -224,7 +259,7 @@ def test_hps_every_open_clip_key_used_exactly_once():
     cfg = tiny_open_clip_cfg(len(tiny_clip_tokenizer()))
     sd = tiny_open_clip_state_dict(cfg)
     sd["attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)  # saved by some open_clip versions
-    converted, dims, report = rewards.convert_open_clip_state_dict(sd, cfg)
+    converted, dims, report = convert_hps.convert_open_clip_state_dict(sd, cfg)
     assert set(report) == set(sd)
     assert report["attn_mask"].startswith("ignored")
     targets = [t for v in report.values() if isinstance(v, list) for t in v]
@@ -232,7 +267,7 @@ def test_hps_every_open_clip_key_used_exactly_once():
     assert set(targets) == set(converted)
     from transformers import CLIPModel
 
-    model = CLIPModel(rewards._clip_config(dims, tiny_clip_tokenizer()))
+    model = CLIPModel(convert_hps.clip_config(dims, tiny_clip_tokenizer()))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     assert set(converted) == set(expected)
     assert all(converted[k].shape == expected[k] for k in converted)
@@ -244,53 +279,79 @@ def test_hps_every_open_clip_key_used_exactly_once():
     assert torch.equal(v, sd["visual.transformer.resblocks.1.attn.in_proj_weight"][2 * W:])
 
 
-def test_hps_checkpoint_variants_and_errors(tiny_hps_dir, tmp_path):
-    sd = torch.load(os.path.join(tiny_hps_dir, rewards.HPS_FILENAME), weights_only=True)["state_dict"]
+def test_hps_converter_variants_and_errors(hps_pair, tmp_path):
+    official, converted = hps_pair
+    sd = torch.load(os.path.join(official, "HPS_v2.1_compressed.pt"), weights_only=True)["state_dict"]
+    cfg_file = os.path.join(official, "open_clip_config.json")
     images = _images(2, seed=3)
-    expected = rewards.load_reward("hps", path=tiny_hps_dir)(images, PROMPTS[:2])
-    # A bare state dict with DDP's "module." prefix, passed as a file path, scores the same.
-    d = tmp_path / "variant"
-    build_tiny_hps(d)
-    torch.save({"module." + k: v for k, v in sd.items()}, d / rewards.HPS_FILENAME)
-    torch.testing.assert_close(rewards.load_reward("hps", path=str(d / rewards.HPS_FILENAME))(images, PROMPTS[:2]), expected)
+    expected = rewards.load_reward("hps", path=converted)(images, PROMPTS[:2])
+    # A bare state dict with DDP's "module." prefix converts to the same scorer.
+    variant = tmp_path / "variant.pt"
+    torch.save({"module." + k: v for k, v in sd.items()}, variant)
+    out = convert_hps.convert(str(variant), str(tmp_path / "out"), tokenizer=official, open_clip_config=cfg_file)
+    torch.testing.assert_close(rewards.load_reward("hps", path=out)(images, PROMPTS[:2]), expected)
+    # A used --out is refused before any work; --overwrite replaces an earlier conversion.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert_hps.convert(str(variant), out, tokenizer=official, open_clip_config=cfg_file)
+    convert_hps.convert(str(variant), out, tokenizer=official, open_clip_config=cfg_file, overwrite=True)
+    (tmp_path / "someone_else").mkdir()
+    (tmp_path / "someone_else" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an earlier conversion"):
+        convert_hps.convert(str(variant), str(tmp_path / "someone_else"), tokenizer=official, overwrite=True)
+    assert (tmp_path / "someone_else" / "notes.txt").read_text() == "keep me"
     # An unknown key is an error, not silently dropped.
-    torch.save({"state_dict": {**sd, "visual.extra.weight": torch.zeros(2)}}, d / rewards.HPS_FILENAME)
+    torch.save({"state_dict": {**sd, "visual.extra.weight": torch.zeros(2)}}, variant)
     with pytest.raises(ValueError, match="visual.extra.weight"):
-        rewards.load_reward("hps", path=str(d))
-    # Without open_clip_config.json the architecture is ViT-H-14, which the tiny file is not.
-    torch.save({"state_dict": sd}, d / rewards.HPS_FILENAME)
-    os.remove(d / "open_clip_config.json")
-    with pytest.raises(ValueError, match="open_clip_config.json"):
-        rewards.load_reward("hps", path=str(d))
-    # Missing weights: say which file and where to get it.
-    os.remove(d / rewards.HPS_FILENAME)
-    with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*huggingface-cli download xswu/HPSv2"):
-        rewards.load_reward("hps", path=str(d))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        rewards.load_reward("hps", path=str(tmp_path / "nowhere" / "x.pt"))
+        convert_hps.convert(str(variant), str(tmp_path / "o2"), tokenizer=official, open_clip_config=cfg_file)
+    # Without --open-clip-config the architecture is ViT-H-14, which the tiny file is not.
+    torch.save({"state_dict": sd}, variant)
+    with pytest.raises(ValueError, match="--open-clip-config"):
+        convert_hps.convert(str(variant), str(tmp_path / "o3"), tokenizer=official)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()  # a failed conversion writes nothing
 
 
-def test_hub_ids_fail_clearly_offline(monkeypatch, tmp_path):
+def test_hps_loader_says_which_script_to_run(hps_pair, tiny_imagereward_dir, tmp_path):
+    official, _ = hps_pair
+    checkpoint = os.path.join(official, "HPS_v2.1_compressed.pt")
+    run = r"python tools/convert_hps\.py --checkpoint "
+    with pytest.raises(FileNotFoundError, match=run + re.escape(checkpoint) + " --out DIR"):
+        rewards.load_reward("hps", path=checkpoint)  # the official file itself
+    with pytest.raises(FileNotFoundError, match="has no reward.json.*" + run + r"HPS_v2\.1_compressed\.pt"):
+        rewards.load_reward("hps", path=official)  # the official folder
+    with pytest.raises(FileNotFoundError, match="does not exist.*" + run):
+        rewards.load_reward("hps", path=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=run):
+        rewards.load_reward("hps")  # no path: there is no converted folder on the hub
+    with pytest.raises(ValueError, match="converted 'imagereward' folder, not hps"):
+        rewards.load_reward("hps", path=tiny_imagereward_dir)
+
+
+def test_cli_errors_name_the_file_without_a_traceback(tmp_path, capsys):
+    for tool in (convert_hps, convert_imagereward):
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2 and "missing.pt does not exist" in capsys.readouterr().err
+
+
+def test_pickscore_hub_id_fails_clearly_offline(monkeypatch, tmp_path):
     import huggingface_hub.constants as hub
 
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(FileNotFoundError, match=r"xswu/HPSv2.*huggingface-cli download xswu/HPSv2 HPS_v2\.1_compressed\.pt"):
-        rewards.load_reward("hps")
-    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download THUDM/ImageReward ImageReward\.pt"):
-        rewards.load_reward("imagereward")
+    with pytest.raises(FileNotFoundError, match=r"(?s)PickScore_v1.*hf download yuvalkirstain"):
+        rewards.load_reward("pickscore")
 
 
-def test_hps_matches_open_clip_package(tiny_hps_dir):
+def test_hps_matches_open_clip_package(hps_pair):
     try:
         from open_clip.model import CLIP
     except Exception as e:
         pytest.skip(f"open_clip not importable ({type(e).__name__}: {e}); it needs torchvision")
-    cfg = rewards.open_clip_model_cfg(tiny_hps_dir)
+    official, converted = hps_pair
+    cfg = convert_hps.open_clip_model_cfg(os.path.join(official, "open_clip_config.json"))
     ref = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=False).eval()
-    sd = torch.load(os.path.join(tiny_hps_dir, rewards.HPS_FILENAME), weights_only=True)["state_dict"]
-    ref.load_state_dict(sd)
-    hps = rewards.load_reward("hps", path=tiny_hps_dir)
+    ref.load_state_dict(torch.load(os.path.join(official, "HPS_v2.1_compressed.pt"), weights_only=True)["state_dict"])
+    hps = rewards.load_reward("hps", path=converted)
     pixels = torch.randn(2, 3, 32, 32)
     ids = hps.tokenize(PROMPTS[:2])
     with torch.no_grad():
@@ -326,7 +387,7 @@ def test_pickscore_is_100_times_cosine(tiny_pickscore_dir):
 
 
 def test_pickscore_missing_weights_and_processor(tmp_path, tiny_pickscore_dir):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download yuvalkirstain/PickScore_v1"):
+    with pytest.raises(FileNotFoundError, match="hf download yuvalkirstain/PickScore_v1"):
         rewards.load_reward("pickscore", path=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="PickScore processor.*laion|processor_path"):
         rewards.load_reward("pickscore", path=tiny_pickscore_dir, processor_path=str(tmp_path / "no_processor"))
@@ -340,7 +401,7 @@ def test_non_finite_score_names_reward_and_prompt(tiny_pickscore_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# ImageReward: BLIP -> transformers BLIP modules
+# ImageReward: ImageReward.pt -> tools/convert_imagereward.py -> transformers BLIP modules + head
 # ----------------------------------------------------------------------------------------------
 
 
@@ -396,12 +457,19 @@ def ref_imagereward(sd, pixels, ids, mask, vit_heads, bert_heads):
     r = h[:, 0]
     for j in (0, 2, 4, 6, 7):
         r = _lin(r, sd, f"mlp.layers.{j}")
-    return (r.squeeze(-1) - rewards.IMAGEREWARD_MEAN) / rewards.IMAGEREWARD_STD
+    return (r.squeeze(-1) - convert_imagereward.IMAGEREWARD_MEAN) / convert_imagereward.IMAGEREWARD_STD
 
 
-def test_imagereward_matches_blip_forward(tiny_imagereward_dir):
-    ir = rewards.load_reward("imagereward", path=tiny_imagereward_dir)
-    sd = torch.load(os.path.join(tiny_imagereward_dir, rewards.IMAGEREWARD_FILENAME), weights_only=True)
+@pytest.fixture(scope="module")
+def imagereward_pair(tmp_path_factory):
+    return _convert_tiny(tmp_path_factory, write_tiny_imagereward_checkpoint, "convert_imagereward.py", "--med-config",
+                         "med_config.json")
+
+
+def test_imagereward_matches_blip_forward(imagereward_pair):
+    official, converted = imagereward_pair
+    ir = rewards.load_reward("imagereward", path=converted)
+    sd = torch.load(os.path.join(official, "ImageReward.pt"), weights_only=True)
     images = _images(3, seed=5)
     prompts = PROMPTS[:2] + [LONG_PROMPT]
     tok = ir.tokenize(prompts)
@@ -421,28 +489,31 @@ def test_imagereward_tokenizer_is_imagerewards(tiny_imagereward_dir):
     assert tok.bos_token == "[DEC]" and len(tok) == base + 2
     enc = ir.tokenize(["a photo of a cat", LONG_PROMPT])
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    assert ids.shape == (2, rewards.IMAGEREWARD_MAX_LENGTH)
+    assert ids.shape == (2, convert_imagereward.IMAGEREWARD_MAX_LENGTH)
     assert (ids[:, 0] == tok.cls_token_id).all()  # [CLS] kept, as ImageReward's score(); not BLIP-ITM's [ENC]
-    assert mask[0].sum() < rewards.IMAGEREWARD_MAX_LENGTH and (ids[0][mask[0] == 0] == tok.pad_token_id).all()
+    assert mask[0].sum() < ir.max_length and (ids[0][mask[0] == 0] == tok.pad_token_id).all()
     assert mask[1].all() and ids[1, -1] == tok.sep_token_id  # truncated, still closed by [SEP]
 
 
-def test_imagereward_every_key_used_exactly_once(tiny_imagereward_dir):
-    sd = torch.load(os.path.join(tiny_imagereward_dir, rewards.IMAGEREWARD_FILENAME), weights_only=True)
-    parts, dims, report = rewards.convert_imagereward_state_dict(sd)
+def test_imagereward_every_key_used_exactly_once(imagereward_pair):
+    official, converted = imagereward_pair
+    sd = torch.load(os.path.join(official, "ImageReward.pt"), weights_only=True)
+    parts, dims, report = convert_imagereward.convert_imagereward_state_dict(sd)
     assert set(report) == set(sd)
     ignored = {k for k, v in report.items() if isinstance(v, str)}
     assert ignored == {"blip.text_encoder.embeddings.position_ids", "blip.vision_proj.weight", "blip.vision_proj.bias",
                        "blip.text_proj.weight", "blip.text_proj.bias"}
     targets = [t for v in report.values() if isinstance(v, list) for t in v]
     assert len(targets) == len(set(targets)) == len(sd) - len(ignored)
-    ir = rewards.load_reward("imagereward", path=tiny_imagereward_dir)
+    ir = rewards.load_reward("imagereward", path=converted)
     for part, module in (("vision", ir.vision), ("text", ir.text)):
         own = {k: v.shape for k, v in module.state_dict().items() if not k.endswith("position_ids")}
         assert set(parts[part]) == set(own) == {t[len(part) + 1:] for t in targets if t.startswith(part + ".")}
-        assert all(parts[part][k].shape == own[k] for k in own)
+        assert all(torch.equal(parts[part][k], module.state_dict()[k]) for k in own)  # written and read back exactly
     assert dims["head_widths"] == [32, 1024, 128, 64, 16, 1]
     assert [tuple(m.weight.shape) for m in ir.head] == [(1024, 32), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    assert all(torch.equal(m.weight, w) and torch.equal(m.bias, b) for m, (w, b) in zip(ir.head, parts["head"]))
+    assert (ir.mean, ir.std) == (0.16717362830052426, 1.0333394966054072)  # ImageReward-v1.0's constants
 
 
 def test_imagereward_score_is_composition_of_converted_modules(tiny_imagereward_dir):
@@ -458,18 +529,27 @@ def test_imagereward_score_is_composition_of_converted_modules(tiny_imagereward_
     torch.testing.assert_close(ir(images, PROMPTS[:2]), expected, atol=1e-5, rtol=0)
 
 
-def test_imagereward_errors(tmp_path):
-    d = build_tiny_imagereward(tmp_path / "ir")
-    sd = torch.load(os.path.join(d, rewards.IMAGEREWARD_FILENAME), weights_only=True)
-    torch.save({**sd, "blip.itm_head.weight": torch.zeros(2, 32)}, os.path.join(d, rewards.IMAGEREWARD_FILENAME))
+def test_imagereward_converter_and_loader_errors(imagereward_pair, hps_pair, tiny_hps_dir, tmp_path):
+    official, _ = imagereward_pair
+    med = os.path.join(official, "med_config.json")
+    sd = torch.load(os.path.join(official, "ImageReward.pt"), weights_only=True)
+    bad = tmp_path / "ImageReward.pt"
+    torch.save({**sd, "blip.itm_head.weight": torch.zeros(2, 32)}, bad)
     with pytest.raises(ValueError, match="blip.itm_head.weight"):
-        rewards.load_reward("imagereward", path=d)
-    torch.save(sd, os.path.join(d, rewards.IMAGEREWARD_FILENAME))
+        convert_imagereward.convert(str(bad), str(tmp_path / "o1"), med_config=med, tokenizer=official)
+    torch.save(sd, bad)
     with pytest.raises(ValueError, match="tokenizer size"):  # a tokenizer that does not fit the embedding table
-        rewards.load_reward("imagereward", path=d, tokenizer_path=build_tiny_hps(tmp_path / "clip_tok"))
-    os.remove(os.path.join(d, rewards.IMAGEREWARD_FILENAME))
-    with pytest.raises(FileNotFoundError, match=r"ImageReward\.pt.*huggingface-cli download THUDM/ImageReward"):
-        rewards.load_reward("imagereward", path=d)
+        convert_imagereward.convert(str(bad), str(tmp_path / "o2"), med_config=med, tokenizer=hps_pair[0])
+    with pytest.raises(ValueError, match="med_config"):  # BLIP's default med_config is BERT-base, not the tiny file
+        convert_imagereward.convert(str(bad), str(tmp_path / "o3"), tokenizer=official)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # a failed conversion writes nothing
+    run = r"python tools/convert_imagereward\.py --checkpoint "
+    with pytest.raises(FileNotFoundError, match=run + re.escape(str(bad))):
+        rewards.load_reward("imagereward", path=str(bad))
+    with pytest.raises(FileNotFoundError, match="has no reward.json.*" + run + r"ImageReward\.pt"):
+        rewards.load_reward("imagereward", path=official)
+    with pytest.raises(ValueError, match="converted 'hps' folder, not imagereward"):
+        rewards.load_reward("imagereward", path=tiny_hps_dir)
 
 
 def test_imagereward_matches_official_package(tmp_path, monkeypatch):
@@ -478,7 +558,7 @@ def test_imagereward_matches_official_package(tmp_path, monkeypatch):
         from ImageReward.models.BLIP import blip_pretrain
         from ImageReward.models.BLIP.vit import VisionTransformer
     except Exception as e:
-        pytest.skip(f"the ImageReward package is not importable ({type(e).__name__}: {e}); it needs torchvision")
+        pytest.skip(f"the ImageReward package is not importable ({type(e).__name__}: {e}); see README, Reward models")
 
     def tokenizer(*args, **kwargs):  # ImageReward's init_tokenizer, on the tiny vocabulary
         tok = tiny_bert_tokenizer()
@@ -493,8 +573,6 @@ def test_imagereward_matches_official_package(tmp_path, monkeypatch):
     monkeypatch.setattr(blip_pretrain, "init_tokenizer", tokenizer)
     monkeypatch.setattr(blip_pretrain, "create_vit", vit)
     vocab = len(tiny_bert_tokenizer()) + 2
-    import json
-
     with open(tmp_path / "med_config.json", "w") as f:
         json.dump(tiny_med_config(vocab), f)
     torch.manual_seed(0)
@@ -502,9 +580,11 @@ def test_imagereward_matches_official_package(tmp_path, monkeypatch):
     with torch.no_grad():
         for p in official.mlp.parameters():  # ImageReward's own init makes the head ~0: widen it
             p.normal_(0.0, 0.1)
-    torch.save(official.state_dict(), tmp_path / rewards.IMAGEREWARD_FILENAME)
+    torch.save(official.state_dict(), tmp_path / "ImageReward.pt")
     tiny_bert_tokenizer().save_pretrained(tmp_path)
-    ours = rewards.load_reward("imagereward", path=str(tmp_path))
+    out = convert_imagereward.convert(str(tmp_path / "ImageReward.pt"), str(tmp_path / "converted"),
+                                      med_config=str(tmp_path / "med_config.json"), tokenizer=str(tmp_path))
+    ours = rewards.load_reward("imagereward", path=out)
     images = _images(2, h=240, w=300, seed=7)
     expected = torch.tensor([official.score(p, im) for p, im in zip(PROMPTS[:2], rewards.to_pil(images))])
     torch.testing.assert_close(ours(images, PROMPTS[:2]), expected.float(), atol=1e-4, rtol=1e-4)
@@ -521,8 +601,9 @@ class GenEvalStub:
     """A GenEval server speaking reward-server's protocol with a deterministic rule: an include
     clause {"class": c} holds when colour c is the image's dominant channel."""
 
-    def __init__(self, fail_first=0, status=None):
-        self.requests, self.fail_first, self.status = [], fail_first, status
+    def __init__(self, fail_first=0, status=None, reply=None):
+        # reply: a function of the unpickled request that returns the raw bytes of a 200 reply (misbehaviour)
+        self.requests, self.fail_first, self.status, self.reply = [], fail_first, status, reply
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -535,7 +616,8 @@ class GenEvalStub:
                 if stub.status is not None or len(stub.requests) <= stub.fail_first:
                     self._reply(stub.status or 500, b"Traceback (most recent call last):\nKeyError: 'tag'\n")
                     return
-                self._reply(200, pickle.dumps(stub.score(pickle.loads(body))))
+                request = pickle.loads(body)
+                self._reply(200, stub.reply(request) if stub.reply else pickle.dumps(stub.score(request)))
 
             def _reply(self, code, data):
                 self.send_response(code)
@@ -545,7 +627,7 @@ class GenEvalStub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     @staticmethod
     def score(data):
@@ -632,16 +714,93 @@ def test_geneval_client_error_is_not_retried():
         server.close()
 
 
-def test_geneval_server_down_names_the_url():
-    with socket.socket() as s:  # a port nobody listens on
+def _free_port():
+    with socket.socket() as s:  # a port nobody listens on (once this socket closes)
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    client = rewards.GenEvalClient(url, retries=2, backoff=0.01, timeout=0.5)
+        return s.getsockname()[1]
+
+
+def test_geneval_unreachable_or_malformed_url_fails_at_construction():
+    url = f"http://127.0.0.1:{_free_port()}"
     start = time.time()
-    with pytest.raises(rewards.RewardServerError, match=rf"{url}.*3 attempt.*ConnectionError"):
+    with pytest.raises(rewards.RewardServerError, match=rf"GenEval server at {url} is not reachable.*Refused"):
+        rewards.load_rewards("geneval", paths={"geneval": url})  # before any other model would load
+    assert time.time() - start < 2
+    for bad in ("127.0.0.1:18085", "http://:18085", "http://127.0.0.1:port"):
+        with pytest.raises(ValueError, match="http://HOST:PORT"):
+            rewards.GenEvalClient(bad)
+    with pytest.raises(ValueError, match="timeout"):
+        rewards.GenEvalClient(url, timeout=0)
+    with pytest.raises(ValueError, match="retries"):
+        rewards.GenEvalClient(url, retries=-1)
+
+
+def test_geneval_server_gone_during_training_names_the_url():
+    server = GenEvalStub()
+    kwargs = {"geneval": {"retries": 2, "backoff": 0.01, "timeout": 0.5}}
+    client = rewards.load_rewards("geneval", paths=[server.url], reward_kwargs=kwargs).rewards["geneval"]
+    assert (client.timeout, client.retries) == (0.5, 2)  # reward_kwargs reached the client
+    server.close()
+    with pytest.raises(rewards.RewardServerError, match=rf"{server.url} failed after 3 attempt.*ConnectionError"):
         client(_solid(["red"]), ["x"], [_meta(["red"])])
-    assert time.time() - start < 5
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server that accepts connections (the kernel completes the handshake) and never replies."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_geneval_server_that_never_replies_fails_within_timeout_times_attempts(silent_server):
+    timeout, retries = 0.3, 2
+    client = rewards.GenEvalClient(silent_server, timeout=timeout, retries=retries, backoff=0.01)  # accepts: reachable
+    start = time.time()
+    with pytest.raises(rewards.RewardServerError, match=rf"{silent_server} failed after 3 attempt.*ReadTimeout"):
+        client(_solid(["red"]), ["x"], [_meta(["red"])])
+    elapsed = time.time() - start
+    assert (retries + 1) * timeout <= elapsed < (retries + 1) * timeout + 0.03 + 1.0  # + backoffs + slack
+
+
+def test_geneval_deadline_bounds_a_whole_call(silent_server):
+    client = rewards.GenEvalClient(silent_server, timeout=0.4, retries=50, backoff=0.01, deadline=1.0, batch_size=1)
+    start = time.time()
+    with pytest.raises(rewards.RewardServerError, match=r"deadline 1 s per call"):
+        client(_solid(["red", "blue"]), ["x", "y"], [_meta(["red"]), _meta(["blue"])])
+    assert 1.0 <= time.time() - start < 2.0
+
+
+@pytest.mark.parametrize("reply, match", [
+    (lambda req: b"<html><body>502 Bad Gateway</body></html>",
+     r"not a pickled reply \(UnpicklingError\); it began b'<html>"),
+    (lambda req: b"", r"not a pickled reply \(EOFError\); it began b''"),
+    (lambda req: pickle.dumps(["not", "a", "dict"]), r"sent no list of 1 'strict_rewards'.*\['not', 'a', 'dict'\]"),
+    (lambda req: pickle.dumps({"strict_rewards": [1.0, 0.0]}), r"sent no list of 1 'strict_rewards'"),
+    (lambda req: pickle.dumps({"strict_rewards": [None], "scores": [0.5]}),
+     r"'strict_rewards'\[0\] = None, not a number"),
+])
+def test_geneval_bad_200_reply_names_the_url_and_what_came_back(reply, match):
+    server = GenEvalStub(reply=reply)
+    try:
+        client = rewards.GenEvalClient(server.url, retries=3, backoff=0.01, timeout=5)
+        with pytest.raises(rewards.RewardServerError, match=rf"GenEval server at {server.url} .*{match}"):
+            client(_solid(["red"]), ["x"], [_meta(["red"])])
+        assert len(server.requests) == 1  # a reply that came back is not retried
+    finally:
+        server.close()
+
+
+def test_geneval_reads_only_its_field():
+    """None in a field the client does not use ("rewards" is skipped under only_strict) is not an error."""
+    server = GenEvalStub(reply=lambda req: pickle.dumps({"strict_rewards": [1.0], "scores": [None], "rewards": None}))
+    try:
+        assert rewards.GenEvalClient(server.url)(_solid(["red"]), ["x"], [_meta(["red"])]).tolist() == [1.0]
+        with pytest.raises(rewards.RewardServerError, match=r"'scores'\[0\] = None"):
+            rewards.GenEvalClient(server.url, strict=False)(_solid(["red"]), ["x"], [_meta(["red"])])
+    finally:
+        server.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,19 +869,38 @@ def test_ocr_reads_a_rendered_word():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_aggregate_is_weighted_sum_of_group_zscores():
+def _z(x):
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, unbiased=False, keepdim=True) + 1e-4)
+
+
+def test_aggregate_is_weighted_mean_of_group_zscores():
     g = torch.Generator().manual_seed(8)
     a = 22 + torch.randn(3, 5, generator=g)  # PickScore-like scale
     b = 0.3 + 0.01 * torch.randn(3, 5, generator=g)  # HPS-like scale
     total = rewards.aggregate_rewards({"pickscore": a, "hps": b}, "1,0.5")
-    za = (a - a.mean(-1, keepdim=True)) / (a.std(-1, unbiased=False, keepdim=True) + 1e-4)
-    zb = (b - b.mean(-1, keepdim=True)) / (b.std(-1, unbiased=False, keepdim=True) + 1e-4)
-    torch.testing.assert_close(total, za + 0.5 * zb)
+    torch.testing.assert_close(total, (_z(a) + 0.5 * _z(b)) / 1.5)  # weights normalised to sum to 1
+    # The release's weights (0.333, 0.333, 0.334) already sum to 1: used as they are.
+    c = torch.randn(3, 5, generator=g)
+    release = rewards.aggregate_rewards({"hps": a, "imagereward": b, "pickscore": c}, "0.333,0.333,0.334")
+    torch.testing.assert_close(release, 0.333 * _z(a) + 0.333 * _z(b) + 0.334 * _z(c))
     # Rescaling/shifting one reward within a group leaves the aggregate unchanged (up to eps).
     scale, shift = torch.tensor([[10.0], [0.1], [3.0]]), torch.tensor([[5.0], [-2.0], [0.0]])
     moved = rewards.aggregate_rewards({"pickscore": a * scale + shift, "hps": b}, [1, 0.5])
     torch.testing.assert_close(moved, total, atol=1e-2, rtol=0)
     assert total.sum(-1).abs().max() < 1e-4  # z-scores sum to zero in each group
+    # Copies of one reward aggregate to that reward's own z-score: the scale a single z-scored reward has.
+    torch.testing.assert_close(rewards.aggregate_rewards({"hps": a, "pickscore": a, "imagereward": a}), _z(a))
+
+
+def test_aggregate_is_not_standardised_again():
+    """Three independent rewards: the within-group std of R is ~1/sqrt(3), not 1. A second z-score
+    (as train.py's --reward-zscore did) would multiply beta's effect by ~1.73."""
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.randn(2000, 27, generator=g) for n in ("hps", "imagereward", "pickscore")}  # G = 2000, K = 27
+    R = rewards.aggregate_rewards(scores)
+    factor = 1 / R.std(-1, unbiased=False).mean().item()
+    assert abs(factor - math.sqrt(3)) < 0.05, factor
+    torch.testing.assert_close(rewards.aggregate_rewards(scores, "1,1,1"), R)  # default = equal weights
 
 
 def test_single_reward_passes_through_and_weight_errors():
@@ -732,6 +910,11 @@ def test_single_reward_passes_through_and_weight_errors():
         rewards.aggregate_rewards({"hps": r}, [2.0])
     with pytest.raises(ValueError, match="one weight per reward"):
         rewards.aggregate_rewards({"hps": r, "pickscore": r}, "1,1,1")
+    with pytest.raises(ValueError, match=r"must be numbers.*'1,abc'"):
+        rewards.load_rewards("hps,pickscore", weights="1,abc")
+    for bad in ("1,0", "1,-1", "1,inf", "1,nan"):
+        with pytest.raises(ValueError, match="finite and > 0"):
+            rewards.aggregate_rewards({"hps": r, "pickscore": r}, bad)
     with pytest.raises(ValueError, match="share the"):
         rewards.aggregate_rewards({"hps": r, "pickscore": r[:, :2]})
     with pytest.raises(ValueError, match="known rewards"):
@@ -756,9 +939,10 @@ def test_multi_reward_on_tiny_models(tiny_pickscore_dir, tiny_hps_dir, tiny_imag
         multi(images, prompts)
     with pytest.raises(ValueError, match="mix prompts"):
         multi(images, prompts, group_size=2)
+    assert multi.standardized  # train.py reads R as is
     single = rewards.load_rewards(["hps"], paths=[tiny_hps_dir])
     raw, total = single(images, prompts)
-    assert total is raw["hps"]
+    assert total is raw["hps"] and not single.standardized  # train.py z-scores it (--reward-zscore)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,14 +980,14 @@ def test_hps_default_is_vit_h_14():
         _open_clip_block_shapes(sd, f"visual.transformer.resblocks.{i}.", 1280, 5120)
     for i in range(24):
         _open_clip_block_shapes(sd, f"transformer.resblocks.{i}.", 1024, 4096)
-    converted, dims, report = rewards.convert_open_clip_state_dict(sd)
+    converted, dims, report = convert_hps.convert_open_clip_state_dict(sd)
     assert (dims["v_heads"], dims["t_heads"], dims["image_size"], dims["patch"]) == (16, 16, 224, 14)
 
     class Tok:  # the laion CLIP-H tokenizer's special ids
         bos_token_id, eos_token_id, pad_token_id = 49406, 49407, 49407
 
     with init_empty_weights():
-        model = CLIPModel(rewards._clip_config(dims, Tok()))
+        model = CLIPModel(convert_hps.clip_config(dims, Tok()))
     own = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     assert set(converted) == set(own) and all(converted[k].shape == own[k] for k in own)
     assert model.config.vision_config.hidden_act == model.config.text_config.hidden_act == "gelu"
@@ -836,10 +1020,10 @@ def test_imagereward_default_is_blip_vit_l_bert_base():
         sd[b + "output.LayerNorm.weight"], sd[b + "output.LayerNorm.bias"] = _shape(768), _shape(768)
     for j, (o, k) in zip((0, 2, 4, 6, 7), ((1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16))):
         sd[f"mlp.layers.{j}.weight"], sd[f"mlp.layers.{j}.bias"] = _shape(o, k), _shape(o)
-    parts, dims, report = rewards.convert_imagereward_state_dict(sd)
+    parts, dims, report = convert_imagereward.convert_imagereward_state_dict(sd)
     assert set(report) == set(sd)
-    assert (dims["image_size"], dims["patch"], dims["v_width"] // rewards.BLIP_VIT_HEAD_WIDTH) == (224, 16, 16)
-    med = rewards.MED_CONFIG
+    assert (dims["image_size"], dims["patch"], dims["v_width"] // convert_imagereward.BLIP_VIT_HEAD_WIDTH) == (224, 16, 16)
+    med = convert_imagereward.MED_CONFIG
     assert (med["hidden_size"], med["num_hidden_layers"], med["intermediate_size"], med["vocab_size"],
             med["max_position_embeddings"]) == (dims["t_width"], dims["t_layers"], dims["t_mlp"], dims["vocab"],
                                                 dims["t_positions"])

@@ -1,14 +1,17 @@
-"""Tiny, randomly initialised reward-model folders, built offline, in each model's *original* format.
+"""Tiny, randomly initialised reward models, built offline: the official formats and the converted folders.
 
-    build_tiny_pickscore(dir) -> dir   transformers CLIPModel + CLIPProcessor folder (as PickScore_v1)
-    build_tiny_hps(dir)       -> dir   HPS_v2.1_compressed.pt (open_clip key layout, {"state_dict": ...})
-                                       + open_clip_config.json + CLIP BPE tokenizer files
-    build_tiny_imagereward(dir) -> dir ImageReward.pt (blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.*)
-                                       + med_config.json + BERT WordPiece tokenizer files
+Converted folders (what rewards.py loads; built by running the real converters in tools/):
+    build_tiny_pickscore(dir)   -> dir   transformers CLIPModel + CLIPProcessor folder (as PickScore_v1)
+    build_tiny_hps(dir)         -> dir   tools/convert_hps.py's output for a tiny HPS checkpoint
+    build_tiny_imagereward(dir) -> dir   tools/convert_imagereward.py's output for a tiny ImageReward checkpoint
+Official formats (what the converters read):
+    write_tiny_hps_checkpoint(dir) -> .pt          HPS_v2.1_compressed.pt (open_clip key layout, {"state_dict": ...})
+                                                   + open_clip_config.json + CLIP BPE tokenizer files
+    write_tiny_imagereward_checkpoint(dir) -> .pt  ImageReward.pt (blip.visual_encoder.*, blip.text_encoder.*,
+                                                   mlp.layers.*) + med_config.json + BERT WordPiece tokenizer files
 
-Each folder loads with `rewards.load_reward(name, path=dir)` and no network. The HPS and ImageReward
-checkpoints are written with the key names, shapes and layouts of open_clip and BLIP/ImageReward
-(not through rewards.py's converters), so tests that load them check the converters for real.
+The checkpoints are written with the key names, shapes and layouts of open_clip and BLIP/ImageReward
+(not through the converters), so tests that convert and load them check the converters for real.
 
 Sizes: widths 32 (ImageReward's ViT: 128 = 2 heads of BLIP's 64), 2 layers, 2 heads, 32x32 images
 with 8x8 patches (16 patches + class token). Everything is seeded (`seed`), and the caller's global
@@ -20,16 +23,23 @@ Use in tests:
 or the session-scoped fixtures (built once per session):
     from tiny_rewards import tiny_pickscore_dir, tiny_hps_dir, tiny_imagereward_dir  # noqa: F401
 From a shell:
-    python tests/tiny_rewards.py /tmp/tiny_rewards     # writes pickscore/, hps/, imagereward/
+    python tests/tiny_rewards.py /tmp/tiny_rewards     # writes pickscore/, hps/, imagereward/ (converted)
 """
 
 import json
 import math
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+sys.path.insert(0, TOOLS)
+
+import convert_hps  # noqa: E402  (tools/convert_hps.py)
+import convert_imagereward  # noqa: E402  (tools/convert_imagereward.py)
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -147,18 +157,27 @@ def tiny_open_clip_cfg(vocab_size: int) -> dict:
     return cfg
 
 
-def build_tiny_hps(directory, seed: int = 0) -> str:
+def write_tiny_hps_checkpoint(directory, seed: int = 0) -> str:
     """HPS_v2.1_compressed.pt ({"state_dict": open_clip state dict}) + open_clip_config.json + the
-    CLIP tokenizer in `directory`; returns the path."""
+    CLIP tokenizer in `directory`; returns the checkpoint's path."""
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
     tokenizer = tiny_clip_tokenizer()
     cfg = tiny_open_clip_cfg(len(tokenizer))
-    torch.save({"state_dict": tiny_open_clip_state_dict(cfg, seed)}, os.path.join(directory, "HPS_v2.1_compressed.pt"))
+    checkpoint = os.path.join(directory, "HPS_v2.1_compressed.pt")
+    torch.save({"state_dict": tiny_open_clip_state_dict(cfg, seed)}, checkpoint)
     with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
         json.dump({"model_cfg": cfg}, f, indent=2)
     tokenizer.save_pretrained(directory)
-    return directory
+    return checkpoint
+
+
+def build_tiny_hps(directory, seed: int = 0) -> str:
+    """The converted HPS folder rewards.py loads: a tiny checkpoint run through tools/convert_hps.py."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = write_tiny_hps_checkpoint(tmp, seed)
+        return convert_hps.convert(checkpoint, str(directory), tokenizer=tmp, overwrite=True,
+                                   open_clip_config=os.path.join(tmp, "open_clip_config.json"))
 
 
 def build_tiny_pickscore(directory, seed: int = 0) -> str:
@@ -248,18 +267,29 @@ def tiny_med_config(vocab_size: int) -> dict:
     }
 
 
-def build_tiny_imagereward(directory, seed: int = 0) -> str:
-    """ImageReward.pt + med_config.json + the base BERT tokenizer (without [DEC]/[ENC]: the loader adds
-    them, as ImageReward's init_tokenizer does to bert-base-uncased) in `directory`; returns the path."""
+def write_tiny_imagereward_checkpoint(directory, seed: int = 0) -> str:
+    """ImageReward.pt + med_config.json + the base BERT tokenizer (without [DEC]/[ENC]: the converter
+    adds them, as ImageReward's init_tokenizer does to bert-base-uncased) in `directory`; returns the
+    checkpoint's path."""
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
     tokenizer = tiny_bert_tokenizer()
     vocab_size = len(tokenizer) + 2  # + [DEC] + [ENC], as 30522 + 2 = 30524 in ImageReward
-    torch.save(tiny_imagereward_state_dict(vocab_size, seed), os.path.join(directory, "ImageReward.pt"))
+    checkpoint = os.path.join(directory, "ImageReward.pt")
+    torch.save(tiny_imagereward_state_dict(vocab_size, seed), checkpoint)
     with open(os.path.join(directory, "med_config.json"), "w") as f:
         json.dump(tiny_med_config(vocab_size), f, indent=2)
     tokenizer.save_pretrained(directory)
-    return directory
+    return checkpoint
+
+
+def build_tiny_imagereward(directory, seed: int = 0) -> str:
+    """The converted ImageReward folder rewards.py loads: a tiny checkpoint run through
+    tools/convert_imagereward.py."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = write_tiny_imagereward_checkpoint(tmp, seed)
+        return convert_imagereward.convert(checkpoint, str(directory), med_config=os.path.join(tmp, "med_config.json"),
+                                           tokenizer=tmp, overwrite=True)
 
 
 @pytest.fixture(scope="session")
@@ -284,5 +314,6 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python tests/tiny_rewards.py OUTPUT_DIR")
     root = sys.argv[1]
-    for name, build in (("pickscore", build_tiny_pickscore), ("hps", build_tiny_hps), ("imagereward", build_tiny_imagereward)):
+    for name, build in (("pickscore", build_tiny_pickscore), ("hps", build_tiny_hps),
+                        ("imagereward", build_tiny_imagereward)):
         print(os.path.abspath(build(os.path.join(root, name))))
