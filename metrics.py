@@ -3,7 +3,7 @@
 The paper (Sec. 5, App. D) argues that TMPO keeps diversity where GRPO-style training collapses.
 This file holds the numbers that claim is measured with, as pure functions (tensors in, floats out):
 
-FLUX evaluation (Sec. 5.1; `../shared/paper/EQUATIONS.md`, "Section 5 / App. D: metrics"):
+FLUX evaluation (Sec. 5.1; EQUATIONS.md, "Section 5 / App. D: metrics"):
   lgmd(latents)             Log Geometric Mean Distance between the N images of ONE prompt, in the
                             VAE latent space: (2 / (N (N-1))) sum_{i<j} log(||z_i - z_j|| / sqrt(d)).
                             > 0 healthy, < 0 collapse; average it over prompts yourself.

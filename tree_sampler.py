@@ -1,6 +1,6 @@
 """Dynamic Stochastic Tree Sampling: the sigma grid, ODE/SDE steps, log-probs and the tree rollout.
 
-Paper: Li et al. 2026, Sec. 4.2 and App. C (Eqs. 2-3, 8-9, 38-49 of ../shared/paper/EQUATIONS.md).
+Paper: Li et al. 2026, Sec. 4.2 and App. C (Eqs. 2-3, 8-9, 38-49 of EQUATIONS.md).
 
 A group of K = roots * k^L trajectories of one prompt is sampled as a tree. Denoising runs on a
 decreasing grid sigma_0 = 1 > ... > sigma_N = 0 (step n goes sigma_n -> sigma_{n+1}). At a few

@@ -75,12 +75,18 @@ def test_advantages_differ_only_as_documented():
     cfg = cm.Config()
     g = torch.Generator().manual_seed(0)
     log_p, R = torch.randn(4, 27, generator=g), torch.rand(4, 27, generator=g)
-    adv = {m: cm.advantages(m, log_p, R, cfg, torch.Generator().manual_seed(1)) for m in cm.METHODS[1:]}
+    log_ref = torch.randn(4, 27, generator=g)
+    adv = {m: cm.advantages(m, log_p, R, cfg, torch.Generator().manual_seed(1), ref_log_p=log_ref) for m in cm.METHODS[1:]}
     assert torch.equal(adv["grpo"], adv["grpo_kl"])
     assert torch.allclose(adv["grpo"], (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-4), atol=1e-5)
     log_q = torch.log_softmax(cfg.beta * R, dim=1)
     assert torch.allclose(adv["tmpo_no_logp"], log_q, atol=1e-6)
     assert torch.allclose(adv["tmpo"], log_q - torch.log_softmax(log_p, dim=1), atol=1e-5)
+    # tilted: the base's log P_ref of each leaf enters the target, log softmax(beta R + log P_ref)
+    log_q_tilted = torch.log_softmax(cfg.beta * R + log_ref, dim=1)
+    assert torch.allclose(adv["tmpo_tilted"], log_q_tilted - torch.log_softmax(log_p, dim=1), atol=1e-5)
+    with pytest.raises(ValueError, match="log P_ref"):
+        cm.advantages("tmpo_tilted", log_p, R, cfg, None)
     # shuffled: log q - A is log softmax of a permutation of each group's own log P
     implied = (log_q - adv["tmpo_shuffled_logp"]).exp()  # (G, K) = softmax(permuted log P)
     expected = torch.softmax(log_p, dim=1)
@@ -93,8 +99,46 @@ def test_every_method_starts_from_the_same_rollout():
     cfg = replace(cm.Config(), pretrain_steps=20, pretrain_batch=64, iters=1, curve_samples=16)
     base = cm.pretrain_base(cfg, 0)
     noise = torch.randn(16, 2)
-    first = {m: cm.finetune(m, base, cfg, 0, noise)[2]["leaf_reward"][0] for m in cm.METHODS[1:]}
+    masses = torch.full((8,), 1 / 8, dtype=torch.float64)
+    first = {m: cm.finetune(m, base, cfg, 0, noise, masses)[2]["leaf_reward"][0] for m in cm.METHODS[1:]}
     assert len(set(first.values())) == 1, first
+
+
+def test_a_diverged_method_is_recorded_and_the_others_still_report(monkeypatch):
+    # Make one method's update non-finite (NaN advantages -> NaN parameters after the first step): the
+    # seed still finishes, that method is marked diverged at its iteration, every other method reports.
+    cfg = replace(cm.Config(), pretrain_steps=30, pretrain_batch=64, iters=3, curve_every=1, eval_samples=64,
+                  target_samples=256, curve_samples=32)
+    real = cm.advantages
+
+    def poisoned(method, *args, **kw):
+        A = real(method, *args, **kw)
+        return A * float("nan") if method == "tmpo" else A
+
+    monkeypatch.setattr(cm, "advantages", poisoned)
+    result = cm.run_seed(cfg, seed=0, log=lambda s: None)
+    per_method = result["metrics"]
+    assert per_method["tmpo"] == {"diverged": True, "diverged_at": 0}
+    for m in cm.METHODS:
+        if m != "tmpo":
+            assert per_method[m]["diverged"] is False and set(cm.METRIC_KEYS) <= set(per_method[m]), m
+    for m in cm.METHODS:
+        per_method[m]["seed"] = 0
+    summary = cm.summarize([per_method["tmpo"], dict(per_method["tmpo"], seed=1)])
+    assert summary["diverged"] == 2 and summary["mean"] == {}
+    table = cm.format_table({m: cm.summarize([per_method[m]]) for m in cm.METHODS},
+                            {k: [result["target"][k]] for k in ("mean_reward", "high_mode_mass", "mode_entropy")})
+    assert "1/1 (seed 0 at it 0)" in table
+
+
+def test_without_the_dual_clip_a_large_step_turns_the_loss_non_finite():
+    # The reason for the default: at log rho = 100 with A < 0, Eq. (6) exactly has loss -rho A = inf.
+    import tmpo
+
+    log_rho, A = torch.tensor([100.0], requires_grad=True), torch.tensor([-1.0])
+    assert not torch.isfinite(tmpo.clipped_surrogate_loss(log_rho, A, 0.2, dual_clip=None))
+    assert cm.Config().dual_clip == tmpo.DUAL_CLIP
+    assert cm.parse_args(["--no-dual-clip"])[0].dual_clip is None
 
 
 def test_bad_flags_fail_with_a_message():
@@ -122,7 +166,10 @@ def test_compare_modes_quick_end_to_end(tmp_path):
     assert list(doc["methods"]) == list(cm.METHODS)
     for method, entry in doc["methods"].items():
         assert len(entry["per_seed"]) == seeds
-        for row in [*entry["per_seed"], entry["mean"], entry["std"]]:
+        assert entry["diverged"] == 0 and [r["seed"] for r in entry["per_seed"]] == [1, 2]
+        assert all(r["diverged"] is False for r in entry["per_seed"])
+        rows = [{k: r[k] for k in cm.METRIC_KEYS} for r in entry["per_seed"]] + [entry["mean"], entry["std"]]
+        for row in rows:
             assert set(row) == set(cm.METRIC_KEYS), (method, sorted(row))
             assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()), (method, row)
         for row in entry["per_seed"]:
@@ -150,3 +197,42 @@ def test_paper_rewards_zscore_and_warm_up_beta_for_tmpo_only():
     # GRPO's advantage is already a z-score: unchanged by the flag
     plain = cm.advantages("grpo", log_p, R, cm.Config(), None)
     assert torch.allclose(cm.advantages("grpo", log_p, R, cfg, None, 200), plain)
+
+
+# ----------------------------------------------------------------------------------------------
+# the frontier (toy/frontier.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_matched_reward_interpolates_the_first_crossing():
+    import frontier
+
+    run = {"reward": [0.4, 0.6, 0.8, 0.75, 0.95], "mode_entropy": [1.0, 0.8, 0.4, 0.5, 0.0], "diverged_at": None}
+    assert frontier.at_reward(run, 0.7, "mode_entropy") == pytest.approx(0.6)  # halfway between 0.8 and 0.4
+    assert frontier.at_reward(run, 0.3, "mode_entropy") == 1.0  # reached at the first point
+    assert frontier.at_reward(run, 0.99, "mode_entropy") is None  # never reached: not filled in
+    assert frontier.at_reward(dict(run, diverged_at=3), 0.7, "mode_entropy") is None
+
+
+def test_frontier_quick_end_to_end(tmp_path):
+    out = tmp_path / "frontier"
+    cmd = [sys.executable, os.path.join(ROOT, "toy", "frontier.py"), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "H at R = 0.8" in proc.stdout and "reference" in proc.stdout
+    doc = json.loads((out / "frontier.json").read_text())
+    assert [s["seed"] for s in doc["seeds"]] == [0, 1]
+    runs = doc["seeds"][0]["runs"]
+    assert {r["method"] for r in runs} == {"grpo", "tmpo", "tmpo_tilted", "grpo_kl"}
+    for r in runs:  # every run's curve: one point per curve_every iterations, and the last one
+        assert r["iter"] == list(range(0, doc["config"]["iters"] + 1, doc["config"]["curve_every"]))
+        assert len(r["reward"]) == len(r["mode_entropy"]) == len(r["tilted_tv"]) == len(r["iter"])
+    # every run starts from the same base: the first curve point is the base's
+    assert len({(r["reward"][0], r["mode_entropy"][0]) for r in runs}) == 1
+    ref = doc["seeds"][0]["reference"]
+    assert ref["beta"][0] == 0 and np.all(np.diff(ref["reward"]) > 0)  # E[R] grows with the tilt
+    assert ref["tilted_tv"][ref["beta"].index(4.0)] == pytest.approx(0.0, abs=1e-9)  # beta' = 4 is the target
+    rows = {(r["method"], r["value"]): r for r in doc["table"]}
+    assert set(rows[("tmpo_tilted", 4.0)]["matched"]) == {"0.7", "0.8", "0.9"}
+    data = (out / "frontier.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
