@@ -12,20 +12,21 @@ eval.py, tmpo.py or tree_sampler.py.
     python -m pytest -q tests/test_train.py tests/test_eval.py tests/test_faults.py
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
+import functools
+import gc
 import hashlib
 import json
-import math
 import os
 import random
 import re
 import shutil
+import signal
+import socket
 import sys
 import textwrap
-
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class InputError(ValueError):
     """Bad input found before any work: the message names the flag or file and what to fix.
     train.py and eval.py print it as `prog: error: ...` and exit with status 2 (as argparse does)."""
+
+
+class RunFinished(Exception):
+    """`--resume` of a run that already reached --max_steps: nothing to do (exit status 0)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,10 +68,13 @@ class FluxArgs:
     width: int = HfArg(default=512, help="image width in pixels (App. D: 512)")
     max_sequence_length: int = HfArg(default=512, help="T5 tokens per prompt (FluxPipeline's default for FLUX.1-dev: 512)")
     geneval_url: str = HfArg(default="", help=f"GenEval server URL (default {rewards.DEFAULT_GENEVAL_URL})")
+    reward_timeout: float = HfArg(default=60.0, help="seconds a reward server (GenEval) may take to answer one request")
+    reward_retries: int = HfArg(default=2, help="retries of a failed or timed-out reward server request (then the run stops)")
 
 
 # The valid ranges of FluxArgs' numbers (see check_ranges).
-FLUX_RANGES = {"guidance": "[0, inf)", "height": "[16, inf)", "width": "[16, inf)", "max_sequence_length": "[1, 512]"}
+FLUX_RANGES = {"guidance": "[0, inf)", "height": "[16, inf)", "width": "[16, inf)", "max_sequence_length": "[1, 512]",
+               "reward_timeout": "(0, inf)", "reward_retries": "[0, inf)"}
 
 
 def check_flux_args(args: FluxArgs, ranges: dict) -> None:
@@ -224,6 +232,48 @@ def load_prompts(path: str, flag: str = "--prompts") -> list[dict]:
     if not items:
         raise InputError(f"{where}: the file holds no prompts")
     return items
+
+
+def prompt_indices(step: int, rank: int, per_process: int, world_size: int, num_prompts: int, seed: int) -> list:
+    """Indices of rank `rank`'s prompts at `step`: a pure function of its arguments.
+
+    The global stream is a fresh permutation of all prompts per epoch; step s takes the entries
+    [s B, (s + 1) B) with B = per_process x world_size, and rank r the r-th slice of per_process.
+    """
+    B = per_process * world_size
+    out = []
+    for pos in range(step * B + rank * per_process, step * B + (rank + 1) * per_process):
+        epoch, i = divmod(pos, num_prompts)
+        out.append(int(_epoch_order(seed, epoch, num_prompts)[i]))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_prompts: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_prompts)
+
+
+def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank: int, last_ckpt) -> None:
+    """Raise if any value is NaN/inf, naming the step and the prompt(s) of the bad groups.
+
+    values: (G, ...) with the prompt (group) as the first dimension, or a scalar (all prompts).
+    """
+    bad = ~torch.isfinite(values.detach())
+    if not bad.any():
+        return
+    if values.dim() == 0:
+        culprits = prompts
+    else:
+        culprits = [p for p, b in zip(prompts, bad.reshape(len(prompts), -1).any(dim=1).tolist()) if b]
+    raise RuntimeError(
+        f"non-finite {what} at step {step + 1} (rank {rank}) for prompt(s) {culprits!r}; the run stops and "
+        f"{kept(last_ckpt)}. Nothing is clamped: lower --lr or --max_grad_norm, or rerun with --dtype fp32 to look closer."
+    )
+
+
+def kept(last_ckpt) -> str:
+    """What a run that stops now leaves behind, for its error message."""
+    return f"the last checkpoint ({last_ckpt}) is intact" if last_ckpt else "no checkpoint was written yet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +465,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, loras: dict,
 
     loras {subfolder: {file key: full tensor}} become diffusers LoRA files (flux.save_lora, with
     `model`'s LoraConfig), `state` trainer_state.pt (main process), `rank_state` rank{r}.pt (each
-    rank). Collective: every rank calls it."""
+    rank). Collective: every rank calls it. A non-finite tensor is refused: such a state is never saved."""
+    bad = [f"{sub}/{k}" for sub, sd in loras.items() for k, t in sd.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise RuntimeError(f"checkpoint-{step} not written: non-finite LoRA tensors {bad[:3]} ({len(bad)} in all)")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -429,6 +482,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, loras: dict,
     torch.save(rank_state, os.path.join(tmp, f"rank{accelerator.process_index}.pt"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(tmp) for f in names}
+        write_json(os.path.join(tmp, MANIFEST), {"step": step, "files": files})  # what verify_checkpoint checks
         if os.path.exists(final):  # an older run's checkpoint of the same step: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -518,6 +574,67 @@ def list_checkpoints(output_dir: str) -> list:
     return sorted(found)
 
 
+def on_main_process(accelerator, fn):
+    """fn() on the main process only; its result, or the InputError / RunFinished it raised, on
+    every rank: a refusal stops all ranks before any of them loads a model."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [None, None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = fn()
+        except (InputError, RunFinished) as err:
+            box[1] = err
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def end_run(state, *holders) -> None:
+    """Finish the trackers and take the process group down in an order that cannot deadlock.
+
+    `state`: the Accelerator (or PartialState); `holders`: namespaces holding the prepared models.
+    Why (issue 9, row 13: rank 0 died with SIGABRT "terminate called without an active exception"
+    after "done", and one run in our loops hung there instead): gloo's worker threads release the
+    tensors of a finished collective after it completed, which needs the GIL; ProcessGroupGloo's
+    destructor joins those threads while the thread destroying it holds the GIL (gdb: main thread in
+    ~ProcessGroupGloo -> std::thread::join, worker in ~AsyncAllgatherWork -> decref_pyobject ->
+    take_gil). The group died with the DDP wrapper (its reducer holds it) when main() returned - a
+    deadlock - or at interpreter shutdown, where the waiting worker is ended inside a noexcept
+    destructor - std::terminate. So: a barrier (no collective in flight), a pause without the GIL
+    (the workers finish releasing), then every reference to the models dropped and the group
+    destroyed here, with idle workers."""
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        time.sleep(0.5)  # releases the GIL
+    for tracker in getattr(state, "trackers", []):
+        tracker.finish()
+    if hasattr(state, "free_memory"):
+        state.free_memory()  # the Accelerator's own references to the prepared models and optimizers
+    for holder in holders:
+        vars(holder).clear()
+    gc.collect()  # the DDP wrapper sits in reference cycles
+    getattr(state, "state", state).destroy_process_group()  # Accelerator.state / PartialState
+
+
+class StopSignal:
+    """SIGTERM (a preemption) sets `received` instead of killing the process mid-step: the loop
+    finishes the step, saves a checkpoint and exits with status 143 (128 + SIGTERM)."""
+
+    def __enter__(self):
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
 def write_json(path: str, data) -> None:
     """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
     with open(path + ".tmp", "w") as fh:
@@ -525,30 +642,166 @@ def write_json(path: str, data) -> None:
     os.replace(path + ".tmp", path)
 
 
-def resume_target(output_dir: str, resume: str) -> str | None:
+MANIFEST = "manifest.json"  # in each checkpoint: its step and every file's size when it was written
+LOCK = "train.lock"  # in an output folder while a run owns it: pid, host, start time
+
+
+def verify_checkpoint(path: str) -> list[str]:
+    """What is wrong with a checkpoint folder: files missing or not of the size they were written
+    with (a truncated copy, a full disk); [] if it passes. Cheap: reads sizes, not tensors."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            files = json.load(fh)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return [f"{os.path.join(path, MANIFEST)} cannot be read ({err})"]
+    problems = []
+    for rel, size in files.items():
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            problems.append(f"{file} is missing")
+        elif os.path.getsize(file) != size:
+            problems.append(f"{file} has {os.path.getsize(file)} bytes, {size} when it was written (truncated?)")
+    return problems
+
+
+def loadable_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoints of output_dir that pass verify_checkpoint, oldest first."""
+    return [path for _, path in list_checkpoints(output_dir) if not verify_checkpoint(path)]
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (0 = keep all); call it once a new one is complete."""
+    for _, path in list_checkpoints(output_dir)[:-keep] if keep else []:
+        shutil.rmtree(path)
+
+
+def read_checkpoint_file(file: str):
+    """torch.load of a checkpoint file; an unreadable one is an InputError naming it and the
+    checkpoints of its output folder that pass their manifest."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # zipfile / pickle / EOF errors name neither the file nor a way out
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(file)))
+        raise InputError(f"{file} cannot be read ({type(err).__name__}: {err}); checkpoints in {folder} that pass "
+                         f"their manifest: {loadable_checkpoints(folder) or 'none'} (--resume PATH picks one)") from err
+
+
+def fingerprint(pipe) -> str:
+    """A short hash of the base weights (every parameter's name, shape, dtype, sum and sum of |w| in
+    float64): another base model of the same shape gets another fingerprint. One pass over the weights."""
+    h = hashlib.sha256()
+    for part, module in sorted(pipe.components.items()):
+        for name, p in module.named_parameters() if isinstance(module, torch.nn.Module) else ():
+            w = p.detach().double()
+            h.update(f"{part}.{name} {tuple(p.shape)} {p.dtype} {float(w.sum())!r} {float(w.abs().sum())!r}".encode())
+    return h.hexdigest()[:16]
+
+
+def claim_output_dir(output_dir: str, take_over: bool) -> None:
+    """Create output_dir and take its lock file (LOCK) before any model loads; a second run into the
+    same folder is refused, naming the owner. A lock whose process is gone (a dead pid on this
+    host, e.g. after kill -9) is reported as stale and taken over with --take_over_lock."""
+    lock = os.path.join(output_dir, LOCK)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            with open(lock) as fh:
+                owner = json.load(fh)
+        except (OSError, ValueError):
+            owner = {}  # half-written by a run killed while taking it
+        here = owner.get("host") == socket.gethostname()
+        alive = here and _pid_alive(owner.get("pid", -1))
+        who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+        if alive or not take_over:
+            state = "running" if alive else ("no longer running (stale)" if here else "on another host: cannot check")
+            raise InputError(f"--output_dir {output_dir} is locked by another run ({who}; {state}). Use another "
+                             "--output_dir" + ("" if alive else ", or pass --take_over_lock if that run is gone"))
+        print(f"taking over the lock of {output_dir} from {who}", flush=True)
+        os.remove(lock)
+        return claim_output_dir(output_dir, take_over=False)
+    except OSError as err:
+        raise InputError(f"--output_dir {output_dir} is not usable: {err}") from err
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # exists but belongs to another user
+    return True
+
+
+def release_output_dir(output_dir: str) -> None:
+    """Remove the lock if this process holds it."""
+    try:
+        with open(os.path.join(output_dir, LOCK)) as fh:
+            mine = json.load(fh).get("pid") == os.getpid()
+    except (OSError, ValueError):
+        return
+    if mine:
+        os.remove(os.path.join(output_dir, LOCK))
+
+
+def resume_target(output_dir: str, resume: str, max_steps: int) -> str | None:
     """The checkpoint a run continues from (--resume 'latest' or a folder), or None for a new run.
-    Refuses to start a second run in a folder that holds one."""
+
+    Refuses to start a second run in a folder that holds one (checkpoints, or the log of a run that
+    stopped before its first checkpoint), and to resume from a checkpoint that fails
+    verify_checkpoint: 'latest' never falls back to an older one silently. A checkpoint that
+    already reached max_steps raises RunFinished."""
     existing = list_checkpoints(output_dir)
     if not resume:
         if existing:
             raise InputError(f"{output_dir} already holds {existing[-1][1]}: pass --resume latest to continue it, "
                              "or a new --output_dir")
+        other = sorted(set(os.listdir(output_dir)) - {LOCK}) if os.path.isdir(output_dir) else []
+        if other:
+            raise InputError(f"{output_dir} holds {other} but no checkpoint (a run stopped before its first one?): "
+                             "nothing there can be resumed; delete them to start anew there, or pass a new --output_dir")
         return None
-    if resume != "latest":
-        if not os.path.isdir(resume):
-            raise InputError(f"--resume {resume!r} is neither 'latest' nor a checkpoint folder")
-        return resume
-    if not existing:
+    if resume == "latest" and not existing:
         raise InputError(f"--resume latest: no checkpoint-* in {output_dir}; drop --resume to start a new run")
-    return existing[-1][1]
+    path = existing[-1][1] if resume == "latest" else resume
+    if not os.path.isdir(path):
+        raise InputError(f"--resume {resume!r} is neither 'latest' nor a checkpoint folder")
+    problems = verify_checkpoint(path)
+    if problems:
+        ok = loadable_checkpoints(os.path.dirname(os.path.abspath(path)))
+        raise InputError(f"{path} does not load: {'; '.join(problems)}. Checkpoints that do: {ok or 'none'}"
+                         + (f" (continue from one with --resume {ok[-1]})" if ok else ""))
+    with open(os.path.join(path, MANIFEST)) as fh:
+        step = json.load(fh)["step"]
+    if step >= max_steps:
+        raise RunFinished(f"the run is finished: {path} is step {step} of --max_steps {max_steps}; its "
+                          "run_summary.json and checkpoints are kept. To train longer, resume with a larger --max_steps.")
+    return path
 
 
 def truncate_jsonl(file: str, step: int) -> None:
-    """Keep a metrics.jsonl's rows up to `step`: a killed run's later steps are run (and logged) again."""
+    """Keep a metrics.jsonl's rows up to `step`: a killed run's later steps are run (and logged) again.
+    A partial last line (a crash while writing it) is dropped, and said so; a broken line before
+    the last is an InputError naming the file and the line."""
     if not os.path.isfile(file):
         return
     with open(file) as fh:
-        rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in fh if line.strip()]
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i < len(lines):
+                raise InputError(f"{file}, line {i} is not JSON ({err}): repair or delete that line, then resume") from err
+            print(f"{file}: dropped its partial last line (written when the run was killed): {line[:60]!r}", flush=True)
+            continue
+        if row["step"] <= step:
+            rows.append(line.rstrip("\n") + "\n")
     with open(file + ".tmp", "w") as fh:
         fh.writelines(rows)
     os.replace(file + ".tmp", file)

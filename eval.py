@@ -38,7 +38,8 @@ without sending all images to one process (about 8 MB per prompt and model at 51
 GPUs scoring instead of one. (The released code evaluates rank 0's prompts only; here 8 GPUs
 evaluate 8 times the prompts.)
 
-Outputs in --out:
+Outputs in --out (an --out that holds an earlier evaluation is refused unless --overwrite, which
+removes its results and grids before anything new is written):
     results.json     {"config": every option + sigmas, dtype, processes, versions,
                       "models": {name: {"lora": folder or null,
                                         "aggregate": {metric: {"mean", "std", "n"}},
@@ -88,7 +89,6 @@ Tests:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -119,6 +119,7 @@ METRICS = {
 }
 assert set(rewards.REWARDS) == {m for m, (_, kind) in METRICS.items() if kind == "reward"}
 BASE = "base"  # table name of the base model (LoRA disabled)
+OUTPUTS = ("results.json", "results.md", "grids", "images")  # what a run writes into --out
 EvalInputError = common.InputError  # bad input found before generation: the message says what to fix
 
 
@@ -131,6 +132,7 @@ class Args(common.FluxArgs):
         "LoRA folder to evaluate next to the base model, as DIR or NAME=DIR (repeatable); "
         "e.g. runs/x/checkpoint-500/ema (train.py's EMA weights)"))
     out: str = HfArg(default="outputs/eval", aliases=["--output_dir"], help="output folder")
+    overwrite: bool = HfArg(default=False, help=f"replace an earlier evaluation in --out (its {', '.join(OUTPUTS)} are removed first)")
     metrics: list[str] = HfArg(default_factory=lambda: ["pickscore", "hps", "imagereward", "lgmd", "cosdiv"],
                                help=f"metrics, from: {', '.join(METRICS)}")
     metric_path: list[str] = HfArg(default_factory=list, metadata={"action": "extend"}, help=(
@@ -226,6 +228,10 @@ def check_args(args: Args) -> dict:
     diversity = [m for m in names if METRICS[m][1] == "diversity"]
     if diversity and args.images_per_prompt < 2:
         raise EvalInputError(f"{diversity} compare a prompt's images with each other: --images_per_prompt must be >= 2")
+    found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+    if found and not args.overwrite:
+        raise EvalInputError(f"--out {args.out} holds {found} of an earlier evaluation: pass --overwrite to replace them "
+                             "(they are removed before anything is written), or another --out")
     texts, metadata = load_prompts(args.prompts, args.max_prompts)
     if "geneval" in names:
         if metadata is None or any(k not in m for m in metadata for k in ("tag", "include")):
@@ -237,7 +243,7 @@ def check_args(args: Args) -> dict:
                 rewards.quoted_text(text)
             except ValueError as err:
                 raise EvalInputError(str(err)) from err
-    return {"metrics": names, "metric_paths": paths, "texts": texts, "metadata": metadata,
+    return {"metrics": names, "metric_paths": paths, "texts": texts, "metadata": metadata, "replaced": found,
             "loras": parse_loras(args.lora)}
 
 
@@ -276,15 +282,17 @@ def activate(transformer: torch.nn.Module, adapter: str | None) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_scorers(names: list[str], paths: dict, geneval_url: str | None, device, dtype, batch_size: int) -> dict:
+def load_scorers(names: list[str], paths: dict, args: Args, device) -> dict:
     """{metric: callable} for the reward metrics and cosdiv (lgmd needs no model)."""
+    dtype, batch_size = common.DTYPES[args.metric_dtype], args.metric_batch_size
     scorers = {}
     for name in names:
         if name == "cosdiv":
             scorers[name] = metrics.load_dinov2(paths.get(name, metrics.DINO_DEFAULT_ID), device=device, dtype=dtype,
                                                 batch_size=batch_size)
         elif name == "geneval":  # evaluation: fraction of criteria met (App. D.1), not the strict training reward
-            scorers[name] = rewards.load_reward(name, geneval_url, strict=False)
+            scorers[name] = rewards.load_reward(name, args.geneval_url, strict=False, timeout=args.reward_timeout,
+                                                retries=args.reward_retries)
         elif name == "ocr":
             scorers[name] = rewards.load_reward(name)
         elif METRICS[name][1] == "reward":
@@ -428,13 +436,15 @@ def evaluate(args: Args) -> dict | None:
     pipe = flux.load_flux(args.model, dtype=dtype, device=device)
     flux.latent_geometry(pipe, H, W)  # checks the image size
     adapters = load_adapters(pipe, loras)  # every LoRA checked against the transformer before any is loaded
-    scorers = load_scorers(names, parsed["metric_paths"], args.geneval_url, device, common.DTYPES[args.metric_dtype],
-                           args.metric_batch_size)
+    scorers = load_scorers(names, parsed["metric_paths"], args, device)
     model_names = list(adapters)
 
     with state.split_between_processes(list(range(len(texts)))) as mine:
         mine = list(mine)  # this rank's global prompt indices (contiguous block)
     batches = [mine[i:i + args.prompts_per_batch] for i in range(0, len(mine), args.prompts_per_batch)]
+    for old in parsed["replaced"] if state.is_main_process else ():  # --overwrite: no old grid stays beside the new
+        shutil.rmtree(os.path.join(args.out, old)) if old in ("grids", "images") else os.remove(os.path.join(args.out, old))
+    state.wait_for_everyone()
     grid_dir = os.path.join(args.out, "grids")
     os.makedirs(grid_dir, exist_ok=True)
     digits = max(3, len(str(len(texts) - 1)))
@@ -481,6 +491,7 @@ def evaluate(args: Args) -> dict | None:
     bar.close()
 
     records = gather_object(records)  # every rank's per-prompt scores, on every rank
+    common.end_run(state)  # the process group, taken down in order (see common.end_run)
     if not state.is_main_process:
         return None
     config = dataclasses.asdict(args)

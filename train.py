@@ -76,11 +76,19 @@ Checkpoints (`--output_dir`, every `--save_every` steps, written to checkpoint-{
 renamed, so a crash never leaves a half-written checkpoint-{step}):
     checkpoint-{step}/lora/pytorch_lora_weights.safetensors   current LoRA, diffusers format
     checkpoint-{step}/ema/pytorch_lora_weights.safetensors    EMA LoRA (use this one to evaluate)
-    checkpoint-{step}/trainer_state.pt   step, optimizer (unless sharded), lr scheduler, args
+    checkpoint-{step}/trainer_state.pt   step, optimizer (unless sharded), lr scheduler, args, a
+                                         fingerprint of the base weights (resuming on others is refused)
     checkpoint-{step}/rank{r}.pt         rank r's RNG states (+ its optimizer shard under FSDP)
+    checkpoint-{step}/manifest.json      its step and the size of every file (a truncated one is named)
 `FluxPipeline.load_lora_weights("checkpoint-500/ema")` loads a checkpoint as is. `--resume latest`
-continues from the newest one; a run stopped and resumed ends with the same weights as an
-uninterrupted run (tests/test_train.py). Also written: metrics.jsonl (one line of metrics per step),
+continues from the newest one, if it passes its manifest (else the error lists those that do); a
+run stopped and resumed ends with the same weights as an uninterrupted run (tests/test_train.py).
+A finished run resumed says so and changes nothing; with a larger --max_steps it is extended.
+`--checkpoints_total_limit N` keeps the newest N. While a run owns --output_dir it holds
+train.lock there (pid, host, start time): a second run is refused before loading anything; a lock
+left by a killed run is reported as stale and taken over with --take_over_lock. SIGTERM (a
+preemption) finishes the step in progress, saves a checkpoint and exits with status 143 saying how
+to resume (tests/test_faults.py covers these faults). Also written: metrics.jsonl (one line of metrics per step),
 validation/step-{step}.png (the validation grids), the tracker logs (--report_to; tensorboard in
 {output_dir}/{tracker_project}) and run_summary.json: the plan, and the evidence a distributed run
 did what it should: each rank's first root-noise checksum and prompt indices (they differ across
@@ -116,8 +124,8 @@ Metrics (accelerate trackers, `--report_to`, and metrics.jsonl; means over all r
     validation/lgmd    LGMD of each held-out prompt's samples (metrics.lgmd), mean over prompts
 """
 
+import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -199,10 +207,12 @@ class Args(common.FluxArgs):
     seed: int = HfArg(default=0, help="seed: LoRA init, data order and branch positions (same on all ranks); noise per (seed, rank)")
     output_dir: str = HfArg(default="outputs/tmpo", help="checkpoints, run_summary.json, metrics.jsonl, validation grids, tracker logs")
     save_every: int = HfArg(default=50, help="write checkpoint-{step} every this many steps (and at the end)")
+    checkpoints_total_limit: int = HfArg(default=0, help="keep only the newest N checkpoints (the oldest removed once a new one is complete; 0 = all)")
     resume: str = HfArg(default="", aliases=["--resume_from_checkpoint"], help="'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
     stop_after_steps: int = HfArg(default=0, help="stop once this step number is reached, as a kill would (no final save); 0 = never")
     report_to: Literal["tensorboard", "wandb", "none"] = HfArg(default="tensorboard", help="metrics tracker (accelerate)")
     tracker_project: str = HfArg(default="tmpo", help="project name for the tracker (tensorboard: its log folder in --output_dir)")
+    take_over_lock: bool = HfArg(default=False, help="take over --output_dir's lock left by a run that is gone (a stale lock)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ RANGES = {
     "adam_eps": "(0, inf)", "max_grad_norm": "(0, inf)", "max_steps": "[1, inf)", "ema_decay": "[0, 1)",
     "ema_every": "[1, inf)", "validation_every": "[0, inf)", "validation_split": "[0, inf)",
     "validation_images": "[2, inf)", "validation_steps": "[1, inf)", "seed": "[0, 4294967295]", "save_every": "[1, inf)",
-    "stop_after_steps": "[0, inf)",
+    "stop_after_steps": "[0, inf)", "checkpoints_total_limit": "[0, inf)",
 }
 
 
@@ -271,25 +281,6 @@ def prompt_sets(args: Args) -> tuple[list, list]:
                                 f"{len(items)} in --prompts {args.prompts}")
     held = set(np.random.default_rng(args.seed).permutation(len(items))[:args.validation_split].tolist())
     return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
-
-
-def prompt_indices(step: int, rank: int, per_process: int, world_size: int, num_prompts: int, seed: int) -> list:
-    """Indices of rank `rank`'s prompts at `step`: a pure function of its arguments.
-
-    The global stream is a fresh permutation of all prompts per epoch; step s takes the entries
-    [s B, (s + 1) B) with B = per_process x world_size, and rank r the r-th slice of per_process.
-    """
-    B = per_process * world_size
-    out = []
-    for pos in range(step * B + rank * per_process, step * B + (rank + 1) * per_process):
-        epoch, i = divmod(pos, num_prompts)
-        out.append(int(_epoch_order(seed, epoch, num_prompts)[i]))
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, num_prompts: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_prompts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,66 +340,56 @@ def save_checkpoint(run, step: int) -> str:
     the arguments, and each rank's RNG streams (see the module docstring)."""
     full = {sub: {run.keys[n]: common.full_tensor(t) for n, t in tensors.items()}  # collective under FSDP
             for sub, tensors in (("lora", run.params), ("ema", dict(zip(run.params, run.ema.shadow_params))))}
-    state = {"step": step, "world_size": run.world, "args": dataclasses.asdict(run.args),
+    state = {"step": step, "world_size": run.world, "args": dataclasses.asdict(run.args), "base_fingerprint": run.fingerprint,
              "optimizer": None if run.sharded else run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
     rank_state = {**common.rng_states(noise_generator=run.noise_gen, schedule_rng=run.sched_rng),
                   "optimizer": run.optimizer.state_dict() if run.sharded else None}
-    return common.save_checkpoint(run.accelerator, run.args.output_dir, step, run.base, full, state, rank_state)
+    path = common.save_checkpoint(run.accelerator, run.args.output_dir, step, run.base, full, state, rank_state)
+    if run.is_main:  # only once the new checkpoint is complete
+        common.prune_checkpoints(run.args.output_dir, run.args.checkpoints_total_limit)
+        run.summary["checkpoints"] = common.loadable_checkpoints(run.args.output_dir)
+        common.write_json(os.path.join(run.args.output_dir, "run_summary.json"), run.summary)
+    return path
 
 
 # Flags that do not change what a run computes: free to differ when resuming. Every other flag must
 # equal the checkpoint's (schedules, data order and tree shapes depend on them).
 OPERATIONAL_ARGS = {"config", "model", "output_dir", "resume", "stop_after_steps", "report_to", "tracker_project",
                     "save_every", "rollout_batch", "decode_batch", "reward_path", "geneval_url", "gradient_checkpointing",
-                    "validation_every", "validation_prompts", "validation_images", "validation_steps"}
+                    "validation_every", "validation_prompts", "validation_images", "validation_steps", "take_over_lock",
+                    "checkpoints_total_limit", "reward_timeout", "reward_retries"}
 
 
 def load_checkpoint(run, path: str) -> int:
     """Restore everything `save_checkpoint` wrote; return the step to continue from."""
-    state_file = os.path.join(path, "trainer_state.pt")
-    if not os.path.isfile(state_file):
-        raise common.InputError(f"{path} is not a checkpoint folder (no trainer_state.pt)")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = common.read_checkpoint_file(os.path.join(path, "trainer_state.pt"))
+    rank_state = common.read_checkpoint_file(os.path.join(path, f"rank{run.rank}.pt"))
     now = dataclasses.asdict(run.args)
-    changed = {k: (v, now[k]) for k, v in state["args"].items() if k not in OPERATIONAL_ARGS and k in now and v != now[k]}
+    # A finished run (its last checkpoint) may be extended with a larger --max_steps; the lr schedule
+    # and the branch curriculum then run to the new length from here.
+    extend = state["step"] == state["args"]["max_steps"] < run.args.max_steps
+    changed = {k: (v, now[k]) for k, v in state["args"].items()
+               if k not in OPERATIONAL_ARGS and k in now and v != now[k] and not (extend and k == "max_steps")}
     if changed:
         raise common.InputError(f"{path} belongs to a run with other settings; resuming would not continue it. "
                                 + "; ".join(f"--{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    if state["base_fingerprint"] != run.fingerprint:
+        raise common.InputError(f"{path} was trained on other base weights (fingerprint {state['base_fingerprint']}) than "
+                                f"--model {run.args.model} ({run.fingerprint}): pass the model it was trained on")
     if state["world_size"] != run.world:
         raise common.InputError(f"{path} was written by {state['world_size']} processes, this run has {run.world}: "
                                 "resume with the same number (each rank's noise stream is saved)")
     for sub, tensors in (("lora", run.params), ("ema", dict(zip(run.params, run.ema.shadow_params)))):
         for name, value in common.load_lora_file(run.base, os.path.join(path, sub), run.keys).items():
             common.assign(tensors[name], value)
-    rank_state = torch.load(os.path.join(path, f"rank{run.rank}.pt"), map_location="cpu", weights_only=False)
     run.optimizer.load_state_dict(rank_state["optimizer"] if run.sharded else state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    if extend:  # the longer run's schedule, stepped from its start to here
+        for _ in range(state["step"] * run.args.updates_per_rollout):
+            run.scheduler.step()
+    else:
+        run.scheduler.load_state_dict(state["scheduler"])
     common.set_rng_states(rank_state, noise_generator=run.noise_gen, schedule_rng=run.sched_rng)
     return int(state["step"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Failing loudly
-# ----------------------------------------------------------------------------------------------
-
-
-def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank: int, last_ckpt) -> None:
-    """Raise if any value is NaN/inf, naming the step and the prompt(s) of the bad groups.
-
-    values: (G, ...) with the prompt (group) as the first dimension, or a scalar (all prompts).
-    """
-    bad = ~torch.isfinite(values.detach())
-    if not bad.any():
-        return
-    if values.dim() == 0:
-        culprits = prompts
-    else:
-        culprits = [p for p, b in zip(prompts, bad.reshape(len(prompts), -1).any(dim=1).tolist()) if b]
-    kept = f"the last checkpoint ({last_ckpt}) is intact" if last_ckpt else "no checkpoint was written yet"
-    raise RuntimeError(
-        f"non-finite {what} at step {step + 1} (rank {rank}) for prompt(s) {culprits!r}; the run stops and "
-        f"{kept}. Nothing is clamped: lower --lr or --max_grad_norm, or rerun with --dtype fp32 to look closer."
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,8 +397,9 @@ def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank
 # ----------------------------------------------------------------------------------------------
 
 
-def setup(args: Args) -> SimpleNamespace:
-    """Accelerator, prompts, rewards, FLUX + LoRA, optimizer, schedule, RNGs, resume: the state of a run."""
+def setup(args: Args, stack) -> SimpleNamespace:
+    """Accelerator, output folder, rewards, FLUX + LoRA, optimizer, schedule, RNGs, resume: the state of
+    a run. The output folder's lock is released by `stack` (a contextlib.ExitStack) however the run ends."""
     from accelerate.utils import DistributedType, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, cast_training_params
@@ -433,7 +415,13 @@ def setup(args: Args) -> SimpleNamespace:
                                 "a parameter used by several forwards of one backward: use --update_chunk >= 1")
     if run.device.type == "cpu" and run.dtype == torch.bfloat16 and run.is_main:
         print("note: --dtype bf16 on CPU is slow; the CPU smoke run uses fp32", flush=True)
-    resume_path = common.resume_target(args.output_dir, args.resume)
+
+    def claim():  # main process; before any model loads
+        common.claim_output_dir(args.output_dir, args.take_over_lock)
+        stack.callback(common.release_output_dir, args.output_dir)
+        return common.resume_target(args.output_dir, args.resume, args.max_steps)
+
+    resume_path = common.on_main_process(acc, claim)
     set_seed(args.seed)  # same seed on every rank: identical LoRA init (FSDP2 does not broadcast it), data order, trees
 
     # Rewards first: a missing reward model is found in seconds, not after loading FLUX.
@@ -441,8 +429,10 @@ def setup(args: Args) -> SimpleNamespace:
     if args.geneval_url:
         paths["geneval"] = args.geneval_url
     run.reward_fn = rewards.load_rewards(args.reward, weights=args.reward_weights or None, paths=paths, device=run.device,
-                                         dtype=common.DTYPES[args.reward_dtype])
+                                         dtype=common.DTYPES[args.reward_dtype], reward_kwargs={"geneval": {
+                                             "timeout": args.reward_timeout, "retries": args.reward_retries}})
     run.pipe = flux.load_flux(args.model, dtype=run.dtype, device=run.device)
+    run.fingerprint = common.fingerprint(run.pipe)  # of the base weights, stored with every checkpoint
     base = run.pipe.transformer
     flux.add_lora(base, rank=args.lora_rank, alpha=args.lora_alpha)  # LoRA on a frozen base
     cast_training_params(base, dtype=torch.float32)  # the trainable (LoRA) weights in fp32, the base in its dtype
@@ -478,8 +468,9 @@ def setup(args: Args) -> SimpleNamespace:
     return run
 
 
-def train_step(run, step: int) -> dict:
-    """One iteration (steps 1-6 of the module docstring) on this rank; returns its metrics."""
+def train_step(run, step: int, stop) -> dict:
+    """One iteration (steps 1-6 of the module docstring) on this rank; returns its metrics (means over
+    ranks), with "stop" > 0 if any rank received SIGTERM (`stop`, a common.StopSignal)."""
     args = run.args
     t_iter = time.perf_counter()
     # 1. Branch positions (Eqs. 41-46); p = step / total steps
@@ -487,14 +478,14 @@ def train_step(run, step: int) -> dict:
                                           args.num_steps, generator=run.sched_rng) if args.sampler == "tree" else []
     spec = make_spec(args, branch)
     K, G = spec.leaves_per_group, args.prompts_per_process
-    indices = prompt_indices(step, run.rank, G, run.world, len(run.items), args.seed)
+    indices = common.prompt_indices(step, run.rank, G, run.world, len(run.items), args.seed)
     batch = [run.items[i] for i in indices]
     prompts = [b["prompt"] for b in batch]
     cond, text_ids = flux.encode_prompts(run.pipe, prompts, args.max_sequence_length, device=run.device)
     velocity_fn = flux.make_velocity_fn(run.transformer, text_ids, run.img_ids, guidance=args.guidance, dtype=run.dtype)
 
     def check(what, values):
-        check_finite(what, values, step, prompts, run.rank, run.last_ckpt)
+        common.check_finite(what, values, step, prompts, run.rank, run.last_ckpt)
 
     # 2. Rollout (Sec. 4.2): x_root drawn here so its checksum shows each rank's own noise
     t0 = time.perf_counter()
@@ -519,8 +510,8 @@ def train_step(run, step: int) -> dict:
     try:
         raw, R = run.reward_fn(images, [p for p in prompts for _ in range(K)], [dict(b) for b in batch for _ in range(K)],
                                group_size=K)
-    except FloatingPointError as err:  # rewards.py names the reward and the prompt
-        raise RuntimeError(f"step {step + 1} (rank {run.rank}): {err}. The last checkpoint ({run.last_ckpt}) is intact.") from err
+    except (FloatingPointError, rewards.RewardServerError) as err:  # rewards.py names the reward, prompt or server
+        raise RuntimeError(f"step {step + 1} (rank {run.rank}): {err}; {common.kept(run.last_ckpt)}") from err
     R = R.float().view(G, K)  # (G*K,) -> (G, K)
     check("reward", R)
     t_reward = time.perf_counter() - t0
@@ -546,9 +537,12 @@ def train_step(run, step: int) -> dict:
     local = {"reward/mean": R.mean(), "reward/std": R.std(dim=1, unbiased=False).mean(), "adv/abs_mean": A.abs().mean(),
              "time/rollout_s": t_rollout, "time/decode_s": t_decode, "time/reward_s": t_reward, "time/update_s": t_update,
              "train/grad_norm": upd.pop("grad_norm"), **{f"reward/{n}": raw[n].float().mean() for n in args.reward},
-             **{f"policy/{k}": upd.pop(k) for k in ("loss", "clipfrac", "approx_kl", "kl")}}
-    return {**common.mean_over_ranks(run.accelerator, local),  # every rank joins the collective
-            "tree/leaves": K, "tree/nfe_rollout": ro.nfe, **{f"tree/branch_{b}": n for b, n in enumerate(branch)},
+             **{f"policy/{k}": upd.pop(k) for k in ("loss", "clipfrac", "approx_kl", "kl")},
+             "nonfinite_lora": upd.pop("nonfinite_lora"), "stop": float(stop.received)}
+    mean = common.mean_over_ranks(run.accelerator, local)  # every rank joins the collective
+    if mean.pop("nonfinite_lora"):  # checked before anything is saved from this state
+        check("LoRA weights after the optimizer step", torch.tensor(float("nan")))
+    return {**mean, "tree/leaves": K, "tree/nfe_rollout": ro.nfe, **{f"tree/branch_{b}": n for b, n in enumerate(branch)},
             **upd, "train/beta": beta, "time/iter_s": time.perf_counter() - t_iter}
 
 
@@ -565,7 +559,7 @@ def update_policy(run, velocity_fn, ro, cond, A, check) -> dict:
                     return velocity_fn(x, t, c)
             finally:
                 run.base.enable_adapters()
-    nfe, update_stats = 0, []
+    nfe, nonfinite, update_stats = 0, 0, []
     for u in range(args.updates_per_rollout):
         run.optimizer.zero_grad(set_to_none=True)
         # One call for all G groups: the loss is already the mean over the G*K leaves.
@@ -581,10 +575,12 @@ def update_policy(run, velocity_fn, ro, cond, A, check) -> dict:
         lr = run.scheduler.get_last_lr()[0]  # the lr this optimizer step uses
         run.optimizer.step()
         run.scheduler.step()
+        # LoRA weights finite after every optimizer step (this rank's shard; summed over ranks with the metrics)
+        nonfinite += sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in run.params.values())
         nfe += stats["nfe_grad"] + stats["nfe_nograd"]
         update_stats.append(stats)
     return {**{k: sum(s[k] for s in update_stats) / len(update_stats) for k in ("loss", "clipfrac", "approx_kl", "kl")},
-            "grad_norm": grad_norm, "train/lr": lr, "tree/nfe_update": nfe}
+            "grad_norm": grad_norm, "nonfinite_lora": float(nonfinite), "train/lr": lr, "tree/nfe_update": nfe}
 
 
 @torch.no_grad()
@@ -626,53 +622,70 @@ def validate(run, step: int) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        run = setup(args)
-    except common.InputError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
+def train(run, stop) -> int:
+    """The loop: steps, validation, logging, checkpoints; returns the exit status (143 after SIGTERM)."""
     from tqdm.auto import tqdm
 
+    args, acc = run.args, run.accelerator
     plan = plan_lines(args, run.world)
     if run.is_main:
         print("TMPO run plan:\n  " + "\n  ".join(plan), flush=True)
-        os.makedirs(args.output_dir, exist_ok=True)
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(args).items()}
-        run.accelerator.init_trackers(args.tracker_project, config=config)
-    run.summary = {"plan": plan, "world_size": run.world, "args": dataclasses.asdict(args), "start_step": run.start_step}
+        acc.init_trackers(args.tracker_project, config=config)
+    run.summary = {"plan": plan, "world_size": run.world, "args": dataclasses.asdict(args), "start_step": run.start_step,
+                   "checkpoints": common.loadable_checkpoints(args.output_dir)}
     stop_at = min(args.max_steps, args.stop_after_steps or args.max_steps)
     bar = tqdm(range(run.start_step, stop_at), initial=run.start_step, total=args.max_steps, disable=not run.is_main,
                desc=args.method, dynamic_ncols=True)
-    metrics_ = {}
+    metrics_, stopping = {}, False
     for step in bar:
-        metrics_ = train_step(run, step)
-        if args.validation_every and (step + 1) % args.validation_every == 0:
+        metrics_ = train_step(run, step, stop)
+        stopping = metrics_.pop("stop") > 0  # the same decision on every rank
+        if args.validation_every and (step + 1) % args.validation_every == 0 and not stopping:
             metrics_.update(validate(run, step + 1))
         if run.is_main:
-            run.accelerator.log(metrics_, step=step + 1)
+            acc.log(metrics_, step=step + 1)
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps({"step": step + 1, **metrics_}) + "\n")
             bar.set_postfix(reward=f"{metrics_['reward/mean']:.4g}", loss=f"{metrics_['policy/loss']:.3g}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stopping:
             run.last_ckpt = save_checkpoint(run, step + 1)
-        if step == run.start_step and run.is_main:
+        elif step == run.start_step and run.is_main:
             common.write_json(os.path.join(args.output_dir, "run_summary.json"), run.summary)
+        if stopping:
+            stop_at = step + 1
+            break
     bar.close()
     # Every rank's LoRA must be identical after synchronised updates (DDP all-reduce / FSDP): record it.
     lora_sum = sum(common.full_tensor(p).double().sum() for p in run.params.values()).reshape(1).to(run.device)
-    run.summary["lora_checksum_per_rank"] = run.accelerator.gather(lora_sum).tolist()
-    if stop_at < args.max_steps:
-        if run.is_main:
-            print(f"stopping after step {stop_at} as asked (--stop_after_steps); resume with --resume latest", flush=True)
+    run.summary["lora_checksum_per_rank"] = acc.gather(lora_sum).tolist()
+    if run.is_main and stopping:
+        print(f"stopped by SIGTERM after step {stop_at}: {run.last_ckpt} saved; continue with --resume latest", flush=True)
+    elif run.is_main and stop_at < args.max_steps:
+        print(f"stopping after step {stop_at} as asked (--stop_after_steps); resume with --resume latest", flush=True)
     elif run.is_main:
         run.summary.update(final_step=args.max_steps, final_metrics=metrics_, final_checkpoint=run.last_ckpt)
         common.write_json(os.path.join(args.output_dir, "run_summary.json"), run.summary)
         print(f"done: {run.last_ckpt} (load the EMA LoRA with FluxPipeline.load_lora_weights('{run.last_ckpt}/ema'))",
               flush=True)
-    run.accelerator.end_training()
-    return 0
+    return 143 if stopping else 0
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        with contextlib.ExitStack() as stack:  # releases the output folder's lock, restores SIGTERM
+            stop = stack.enter_context(common.StopSignal())
+            run = setup(args, stack)
+            status = train(run, stop)
+            common.end_run(run.accelerator, run)
+            return status
+    except common.InputError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    except common.RunFinished as done:
+        print(f"train.py: {done}", flush=True)
+        return 0
 
 
 if __name__ == "__main__":

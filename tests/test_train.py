@@ -123,7 +123,7 @@ def test_checkpoints_are_complete_ema_is_exact_and_load_in_diffusers(full_run, a
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "metrics.jsonl", "run_summary.json"]
     for step in (1, 2):
         ckpt = out / f"checkpoint-{step}"
-        assert sorted(os.listdir(ckpt)) == ["ema", "lora", "rank0.pt", "trainer_state.pt"]
+        assert sorted(os.listdir(ckpt)) == ["ema", "lora", "manifest.json", "rank0.pt", "trainer_state.pt"]
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         assert state["step"] == step and state["world_size"] == 1 and state["optimizer"]["state"]
     # EMA with decay 0.9, updated every step: B starts at 0, so ema_1 = 0.1 B_1, ema_2 = 0.9 ema_1 + 0.1 B_2.
@@ -284,7 +284,7 @@ def test_two_process_cpu_run_draws_different_noise_and_keeps_ranks_in_sync(asset
     assert len(prompts) == 2 and prompts[0] != prompts[1]  # and got its own prompt
     lora = summary["lora_checksum_per_rank"]
     assert lora[0] == lora[1]  # gradients were all-reduced: every rank holds the same LoRA
-    assert sorted(os.listdir(out / "checkpoint-2")) == ["ema", "lora", "rank0.pt", "rank1.pt", "trainer_state.pt"]
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["ema", "lora", "manifest.json", "rank0.pt", "rank1.pt", "trainer_state.pt"]
     r0 = torch.load(out / "checkpoint-2" / "rank0.pt", weights_only=False)
     r1 = torch.load(out / "checkpoint-2" / "rank1.pt", weights_only=False)
     assert not torch.equal(r0["noise_generator"], r1["noise_generator"])
@@ -347,13 +347,13 @@ def test_prompts_are_split_across_ranks_and_cover_each_epoch():
     n, G, world, seed = 10, 2, 3, 7
     seen = []
     for step in range(5):  # 5 steps x 6 prompts = 30 = 3 epochs of 10
-        per_rank = [train.prompt_indices(step, r, G, world, n, seed) for r in range(world)]
+        per_rank = [common.prompt_indices(step, r, G, world, n, seed) for r in range(world)]
         assert all(len(p) == G for p in per_rank)
         seen += [i for p in per_rank for i in p]
     for epoch in range(3):
         assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))  # every prompt once per epoch
     assert seen[:n] != seen[n:2 * n]  # reshuffled each epoch
-    assert train.prompt_indices(3, 1, G, world, n, seed) == train.prompt_indices(3, 1, G, world, n, seed)
+    assert common.prompt_indices(3, 1, G, world, n, seed) == common.prompt_indices(3, 1, G, world, n, seed)
 
 
 def test_defaults_are_the_papers_pickscore_protocol_and_every_flag_is_documented():
