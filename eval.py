@@ -38,7 +38,8 @@ without sending all images to one process (about 8 MB per prompt and model at 51
 GPUs scoring instead of one. (The released code evaluates rank 0's prompts only; here 8 GPUs
 evaluate 8 times the prompts.)
 
-Outputs in --out:
+Outputs in --out (an --out that holds an earlier evaluation is refused unless --overwrite, which
+removes its results and grids before anything new is written):
     results.json     {"config": every option + sigmas, dtype, processes, versions,
                       "models": {name: {"lora": folder or null,
                                         "aggregate": {metric: {"mean", "std", "n"}},
@@ -50,57 +51,61 @@ Outputs in --out:
                      (an LGMD of exactly duplicated images is -inf, written as -Infinity)
     results.md       Table-1-style table (rows = models, columns = metrics, mean ± std) + paired deltas
     grids/prompt_XXX.png   one per prompt: rows = models, columns = the images (the same noise per column)
-    images/MODEL/prompt_XXX_YY.png   every image, with --save-images
+    images/MODEL/prompt_XXX_YY.png   every image, with --save_images
 
-Prompt files (as train.py's): .txt (one prompt per non-empty line), .jsonl (one JSON string or object
-with a "prompt" key per line) or .json (a list of those); an object is that prompt's metadata, e.g.
-GenEval's evaluation_metadata.jsonl.
+Sampling: FluxPipeline.__call__ itself (prompt_embeds, pooled_prompt_embeds, latents = the paired
+noise, guidance_scale, num_inference_steps; common.ode_sample), which tests/test_eval.py keeps
+equal to tree_sampler.rollout with no branch point, the sampler train.py learns with.
+
+Prompt files (as train.py's, common.load_prompts): .txt (one prompt per non-empty line), .jsonl
+(one JSON string or object with a "prompt" key per line) or .json (a list of those); an object is
+that prompt's metadata, e.g. GenEval's evaluation_metadata.jsonl. Flags: --flag_name or
+--flag-name; lists take several values (--metrics pickscore lgmd); --lora and --metric_path may be
+repeated; --config FILE.yaml reads flags from a file first.
 
     # one GPU: base FLUX.1-dev + the EMA weights of a train.py checkpoint (names: base, checkpoint-500/ema)
     python eval.py --model black-forest-labs/FLUX.1-dev --lora runs/tmpo/checkpoint-500/ema \\
-        --prompts prompts/hpdv2_test.txt --metrics pickscore,hps,imagereward,lgmd,cosdiv --out outputs/eval
+        --prompts prompts/hpdv2_test.txt --metrics pickscore hps imagereward lgmd cosdiv --out outputs/eval
     # 8 GPUs, two LoRAs with table names, local metric weights
     accelerate launch --num_processes 8 eval.py --model /models/FLUX.1-dev \\
         --lora tmpo=runs/tmpo/checkpoint-500/ema --lora grpo=runs/grpo/checkpoint-500/ema \\
-        --prompts prompts/hpdv2_test.txt --metric-path pickscore=/models/PickScore_v1 \\
-        --metric-path hps=/models/HPSv2 --metric-path imagereward=/models/ImageReward \\
-        --metric-path cosdiv=/models/dinov2-large --out outputs/eval_pickscore
+        --prompts prompts/hpdv2_test.txt --metric_path pickscore=/models/PickScore_v1 \\
+        --metric_path hps=/models/HPSv2 --metric_path imagereward=/models/ImageReward \\
+        --metric_path cosdiv=/models/dinov2-large --out outputs/eval_pickscore
     # GenEval (fraction of criteria met; needs Flow-GRPO's GenEval server) on its metadata file
     python eval.py --model /models/FLUX.1-dev --lora runs/geneval/checkpoint-1000/ema \\
-        --prompts geneval/evaluation_metadata.jsonl --metrics geneval,lgmd,cosdiv \\
-        --geneval-url http://127.0.0.1:18085 --out outputs/eval_geneval
+        --prompts geneval/evaluation_metadata.jsonl --metrics geneval lgmd cosdiv \\
+        --geneval_url http://127.0.0.1:18085 --out outputs/eval_geneval
     # tiny offline run (random models, seconds on a CPU)
     python tests/tiny_flux.py /tmp/tiny_flux && python tests/tiny_rewards.py /tmp/tiny_rewards
     printf 'a photo of a cat\\na red cube\\n' > /tmp/prompts.txt
-    python eval.py --model /tmp/tiny_flux --prompts /tmp/prompts.txt --metrics pickscore,lgmd \\
-        --metric-path pickscore=/tmp/tiny_rewards/pickscore --height 32 --width 32 --steps 4 \\
-        --images-per-prompt 3 --max-sequence-length 16 --out /tmp/eval_tiny
+    python eval.py --model /tmp/tiny_flux --prompts /tmp/prompts.txt --metrics pickscore lgmd \\
+        --metric_path pickscore=/tmp/tiny_rewards/pickscore --height 32 --width 32 --steps 4 \\
+        --images_per_prompt 3 --max_sequence_length 16 --out /tmp/eval_tiny
 Tests:
     python -m pytest -x -q tests/test_eval.py
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import re
+import shutil
 import sys
-import textwrap
 import time
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+from transformers.hf_argparser import HfArg
 
+import common
 import flux
 import metrics
 import rewards
-import tree_sampler
 
 # metric name -> (table column, kind). Table columns follow the paper's Table 1 order.
 METRICS = {
@@ -114,49 +119,38 @@ METRICS = {
 }
 assert set(rewards.REWARDS) == {m for m, (_, kind) in METRICS.items() if kind == "reward"}
 BASE = "base"  # table name of the base model (LoRA disabled)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OUTPUTS = ("results.json", "results.md", "grids", "images")  # what a run writes into --out
+EvalInputError = common.InputError  # bad input found before generation: the message says what to fix
 
 
 @dataclass
-class Args:
-    """Command-line options (`python eval.py --help`); defaults = the paper's evaluation protocol."""
+class Args(common.FluxArgs):
+    """Evaluate FLUX (+ LoRAs) on reward and diversity metrics (paper Sec. 5.1); defaults = the paper's protocol."""
 
-    model: str = field(metadata={"help": "FluxPipeline folder or hub id (black-forest-labs/FLUX.1-dev)"})
-    prompts: str = field(metadata={"help": "prompt file: .txt (one per line), .jsonl ({'prompt': ...} per line) or "
-                                           ".json (a list); objects are kept as metadata (GenEval)"})
-    lora: list = field(default_factory=list, metadata={
-        "help": "LoRA folder to evaluate next to the base model, as DIR or NAME=DIR (repeatable); "
-                "e.g. runs/x/checkpoint-500/ema (train.py's EMA weights)"})
-    out: str = field(default="outputs/eval", metadata={"help": "output folder"})
-    metrics: str = field(default="pickscore,hps,imagereward,lgmd,cosdiv", metadata={
-        "help": f"comma list of metrics from: {', '.join(METRICS)}"})
-    metric_path: list = field(default_factory=list, metadata={
-        "help": "NAME=PATH weights of a metric model (repeatable): a local folder or hub id for pickscore, hps, "
-                "imagereward, cosdiv (DINOv2, default facebook/dinov2-large)"})
-    geneval_url: typing.Optional[str] = field(default=None, metadata={
-        "help": f"GenEval server address (default {rewards.DEFAULT_GENEVAL_URL})"})
-    steps: int = field(default=28, metadata={"help": "ODE (Euler) denoising steps (paper: 28 for evaluation)"})
-    guidance: float = field(default=3.5, metadata={"help": "FLUX guidance-embedding scale (paper: 3.5)"})
-    height: int = field(default=512, metadata={"help": "image height in pixels (paper: 512)"})
-    width: int = field(default=512, metadata={"help": "image width in pixels (paper: 512)"})
-    images_per_prompt: int = field(default=10, metadata={"help": "images per prompt and model (paper: 10)"})
-    seed: int = field(default=0, metadata={"help": "base seed of the initial noises (>= 0); same seed = same noises"})
-    max_prompts: typing.Optional[int] = field(default=None, metadata={"help": "evaluate only the first N prompts"})
-    prompts_per_batch: int = field(default=1, metadata={
-        "help": "prompts generated together per GPU (batch = this x images-per-prompt); the noises do not depend on "
-                "it, the numbers only up to floating-point rounding"})
-    max_batch: typing.Optional[int] = field(default=None, metadata={
-        "help": "at most this many rows per transformer / VAE call (bounds memory)"})
-    max_sequence_length: int = field(default=512, metadata={"help": "T5 tokens per prompt (FluxPipeline: 512)"})
-    dtype: str = field(default="auto", metadata={"help": "FLUX compute dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
-    metric_dtype: str = field(default="fp32", metadata={"help": "dtype of the reward / DINOv2 models: fp32, bf16, fp16"})
-    metric_batch_size: int = field(default=32, metadata={"help": "images per forward of a reward / DINOv2 model"})
-    grid_size: int = field(default=256, metadata={"help": "image height in the grids in pixels (0 = full size)"})
-    save_images: bool = field(default=False, metadata={"help": "also write every image as a PNG"})
-
-
-class EvalInputError(ValueError):
-    """Bad input found before generation: the message says what to fix."""
+    # common.FluxArgs: --config, --model, --prompts, --guidance, --height, --width, --max_sequence_length, --geneval_url
+    lora: list[str] = HfArg(default_factory=list, metadata={"action": "extend"}, help=(
+        "LoRA folder to evaluate next to the base model, as DIR or NAME=DIR (repeatable); "
+        "e.g. runs/x/checkpoint-500/ema (train.py's EMA weights)"))
+    out: str = HfArg(default="outputs/eval", aliases=["--output_dir"], help="output folder")
+    overwrite: bool = HfArg(default=False, help=f"replace an earlier evaluation in --out (its {', '.join(OUTPUTS)} are removed first)")
+    metrics: list[str] = HfArg(default_factory=lambda: ["pickscore", "hps", "imagereward", "lgmd", "cosdiv"],
+                               help=f"metrics, from: {', '.join(METRICS)}")
+    metric_path: list[str] = HfArg(default_factory=list, metadata={"action": "extend"}, help=(
+        "NAME=PATH weights of a metric model (repeatable): a local folder or hub id for pickscore, hps, "
+        "imagereward, cosdiv (DINOv2, default facebook/dinov2-large)"))
+    steps: int = HfArg(default=28, help="ODE (Euler) denoising steps (paper: 28 for evaluation)")
+    images_per_prompt: int = HfArg(default=10, help="images per prompt and model (paper: 10)")
+    seed: int = HfArg(default=0, help="base seed of the initial noises (>= 0); same seed = same noises")
+    max_prompts: Optional[int] = HfArg(default=None, help="evaluate only the first N prompts")
+    prompts_per_batch: int = HfArg(default=1, help=(
+        "prompts generated together per GPU (batch = this x images-per-prompt); the noises do not depend on "
+        "it, the numbers only up to floating-point rounding"))
+    max_batch: Optional[int] = HfArg(default=None, help="at most this many rows per transformer / VAE call (bounds memory)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = HfArg(default="auto", help="FLUX compute dtype: auto = bf16 on GPU, fp32 on CPU")
+    metric_dtype: Literal["fp32", "bf16", "fp16"] = HfArg(default="fp32", help="dtype of the reward / DINOv2 models")
+    metric_batch_size: int = HfArg(default=32, help="images per forward of a reward / DINOv2 model")
+    grid_size: int = HfArg(default=256, help="image height in the grids in pixels (0 = full size)")
+    save_images: bool = HfArg(default=False, help="also write every image as a PNG")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,72 +159,24 @@ class EvalInputError(ValueError):
 
 
 def parse_args(argv=None) -> Args:
-    """argparse built from the `Args` dataclass (one flag per field, its doc as help)."""
-    parser = argparse.ArgumentParser(
-        prog="eval.py", description="Evaluate FLUX (+ LoRAs) on reward and diversity metrics (paper Sec. 5.1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(Args)
-    for f in dataclasses.fields(Args):
-        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        kw = {"help": f.metadata["help"], "dest": f.name}
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            kw["required"] = True
-        if hint is list:
-            kw.update(action="append", default=[])
-        elif hint is bool:
-            kw.update(action="store_true")
-        else:
-            kw["type"] = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
-            if f.default is not dataclasses.MISSING:
-                kw["default"] = f.default
-        parser.add_argument(flag, **kw)
-    return Args(**vars(parser.parse_args(argv)))
+    return common.parse_args(Args, argv, prog="eval.py")
 
 
-def parse_metrics(spec: str) -> list[str]:
-    """'pickscore, lgmd' -> ['pickscore', 'lgmd'] in Table 1 order; unknown or repeated names are errors."""
-    names = [m.strip().lower() for m in spec.split(",") if m.strip()]
+def parse_metrics(names: list[str]) -> list[str]:
+    """['pickscore', 'lgmd'] in Table 1 order; unknown or repeated names are errors."""
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
-        raise EvalInputError(f"unknown metric(s) {unknown or spec!r}; known metrics: {', '.join(METRICS)}")
+        raise EvalInputError(f"unknown metric(s) {unknown or names}; known metrics: {', '.join(METRICS)} (separated by spaces)")
     if len(set(names)) != len(names):
-        raise EvalInputError(f"metric listed twice in {spec!r}")
+        raise EvalInputError(f"--metrics lists a metric twice: {names}")
     return [m for m in METRICS if m in names]
 
 
-def parse_named(specs: list[str], what: str) -> dict[str, str]:
-    """['name=value', ...] -> {name: value}."""
-    out = {}
-    for spec in specs:
-        name, sep, value = spec.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise EvalInputError(f"{what} must be NAME=VALUE, got {spec!r}")
-        if name.strip() in out:
-            raise EvalInputError(f"{what} given twice for {name.strip()!r}")
-        out[name.strip()] = value.strip()
-    return out
-
-
 def load_prompts(path: str, max_prompts: int | None = None) -> tuple[list[str], list[dict] | None]:
-    """Prompt texts and, for .json / .jsonl files, each prompt's metadata dict (else None).
-
-    The formats are train.py's (`train.load_prompts`): .txt one prompt per line; .json a list of
-    strings or objects; .jsonl one string or object per line. Objects keep all their fields as
-    metadata (GenEval's evaluation_metadata.jsonl is such a file: "tag", "include", ...).
-    """
-    from train import load_prompts as load_prompt_records
-
-    try:
-        records = load_prompt_records(path)
-    except ValueError as err:
-        raise EvalInputError(str(err)) from err
-    if max_prompts is not None:
-        if max_prompts < 1:
-            raise EvalInputError(f"--max-prompts must be >= 1, got {max_prompts}")
-        records = records[:max_prompts]
-    texts = [r["prompt"] for r in records]
-    metadata = None if path.lower().endswith(".txt") else records
-    return texts, metadata
+    """Prompt texts and, for .json / .jsonl files, each prompt's metadata dict (else None); the
+    formats of common.load_prompts (train.py's)."""
+    records = common.load_prompts(path)[:max_prompts]
+    return [r["prompt"] for r in records], None if path.lower().endswith(".txt") else records
 
 
 def parse_loras(specs: list[str]) -> dict[str, str]:
@@ -260,31 +206,32 @@ def parse_loras(specs: list[str]) -> dict[str, str]:
     return models
 
 
+# The valid range of every numeric flag (common.check_ranges), checked before any model loads.
+RANGES = {"steps": "[1, inf)", "images_per_prompt": "[1, inf)", "seed": "[0, inf)", "max_prompts": "[1, inf)",
+          "prompts_per_batch": "[1, inf)", "max_batch": "[1, inf)", "metric_batch_size": "[1, inf)", "grid_size": "[0, inf)"}
+
+
 def check_args(args: Args) -> dict:
     """Everything that can be checked without loading a model; returns the parsed pieces."""
     names = parse_metrics(args.metrics)
-    paths = parse_named(args.metric_path, "--metric-path")
+    paths = common.parse_named(args.metric_path, "--metric_path")
     extra = sorted(set(paths) - set(names))
     if extra:
-        raise EvalInputError(f"--metric-path given for {extra}, which is not among the metrics {names}")
+        raise EvalInputError(f"--metric_path given for {extra}, which is not among the metrics {names}")
     if "lgmd" in paths or "ocr" in paths:
-        raise EvalInputError("lgmd (the FLUX latents) and ocr (models inside rapidocr-onnxruntime) take no --metric-path")
+        raise EvalInputError("lgmd (the FLUX latents) and ocr (models inside rapidocr-onnxruntime) take no --metric_path")
     if "geneval" in paths:
-        raise EvalInputError("give the GenEval server with --geneval-url, not --metric-path")
+        raise EvalInputError("give the GenEval server with --geneval_url, not --metric_path")
     if args.geneval_url and "geneval" not in names:
-        raise EvalInputError("--geneval-url given but geneval is not among the metrics")
-    for flag, value, low in (("steps", args.steps, 1), ("images-per-prompt", args.images_per_prompt, 1),
-                             ("prompts-per-batch", args.prompts_per_batch, 1), ("seed", args.seed, 0),
-                             ("metric-batch-size", args.metric_batch_size, 1), ("grid-size", args.grid_size, 0)):
-        if value < low:
-            raise EvalInputError(f"--{flag} must be >= {low}, got {value}")
-    if args.max_batch is not None and args.max_batch < 1:
-        raise EvalInputError(f"--max-batch must be >= 1, got {args.max_batch}")
+        raise EvalInputError("--geneval_url given but geneval is not among the metrics")
+    common.check_flux_args(args, RANGES)
     diversity = [m for m in names if METRICS[m][1] == "diversity"]
     if diversity and args.images_per_prompt < 2:
-        raise EvalInputError(f"{diversity} compare a prompt's images with each other: --images-per-prompt must be >= 2")
-    if args.dtype not in ("auto", *DTYPES) or args.metric_dtype not in DTYPES:
-        raise EvalInputError(f"--dtype must be auto or one of {list(DTYPES)}, --metric-dtype one of {list(DTYPES)}")
+        raise EvalInputError(f"{diversity} compare a prompt's images with each other: --images_per_prompt must be >= 2")
+    found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
+    if found and not args.overwrite:
+        raise EvalInputError(f"--out {args.out} holds {found} of an earlier evaluation: pass --overwrite to replace them "
+                             "(they are removed before anything is written), or another --out")
     texts, metadata = load_prompts(args.prompts, args.max_prompts)
     if "geneval" in names:
         if metadata is None or any(k not in m for m in metadata for k in ("tag", "include")):
@@ -296,7 +243,7 @@ def check_args(args: Args) -> dict:
                 rewards.quoted_text(text)
             except ValueError as err:
                 raise EvalInputError(str(err)) from err
-    return {"metrics": names, "metric_paths": paths, "texts": texts, "metadata": metadata,
+    return {"metrics": names, "metric_paths": paths, "texts": texts, "metadata": metadata, "replaced": found,
             "loras": parse_loras(args.lora)}
 
 
@@ -304,71 +251,10 @@ def check_args(args: Args) -> dict:
 # LoRA: check that a folder fits the model, load it as a named adapter, switch between models
 # ---------------------------------------------------------------------------------------------
 
-_LORA_KEY = re.compile(r"^(?P<part>[^.]+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-def check_lora_fits(transformer: torch.nn.Module, folder: str, name: str) -> dict[str, int]:
-    """Read a LoRA folder the way diffusers' FLUX loader does and check every weight against the
-    transformer: each key must name a Linear layer of it, with A (r, in_features), B (out_features, r).
-    Returns {module path: rank}. Checked before loading because diffusers' loader does not fail on
-    a LoRA for another model: layers it lacks only give a warning (unless none matches), and a LoRA
-    A wider than the layer silently widens the base layer (a feature for FLUX Control LoRAs; seen
-    with diffusers 0.42: to_q of the base model became Linear(48 -> 32))."""
-    from diffusers import FluxPipeline
-
-    where = f"LoRA {name!r} ({folder})"
-    try:
-        state_dict, _, metadata = FluxPipeline.lora_state_dict(folder, return_alphas=True, return_lora_metadata=True)
-    except Exception as err:  # re-raised with the folder's name
-        raise EvalInputError(f"{where}: cannot be read as a diffusers FLUX LoRA: {err}") from err
-    unknown = [k for k in state_dict if not _LORA_KEY.match(k)]
-    parts = {m.group("part") for m in map(_LORA_KEY.match, state_dict) if m}
-    other_parts = sorted(parts - {"transformer"})
-    if unknown:
-        raise EvalInputError(f"{where}: {len(unknown)} key(s) are not LoRA A/B weights, e.g. {unknown[:3]}")
-    if other_parts:
-        raise EvalInputError(f"{where}: has weights for {other_parts}; eval.py evaluates transformer LoRAs "
-                             "(what train.py writes)")
-    if not state_dict:
-        raise EvalInputError(f"{where}: holds no LoRA weights")
-    modules = dict(transformer.named_modules())
-    shapes: dict[str, dict[str, tuple]] = {}
-    for key, tensor in state_dict.items():
-        m = _LORA_KEY.match(key)
-        shapes.setdefault(m.group("module"), {})[m.group("ab")] = tuple(tensor.shape)
-    missing = sorted(p for p in shapes if p not in modules)
-    if missing:
-        raise EvalInputError(f"{where} does not fit the model: {len(missing)} of its {len(shapes)} layers do not exist "
-                             f"in the transformer, e.g. {missing[:3]} (a LoRA for another model?)")
-    ranks, bad = {}, []
-    for path, ab in shapes.items():
-        layer = modules[path]
-        layer = getattr(layer, "base_layer", layer)  # already wrapped by an earlier adapter
-        if not isinstance(layer, torch.nn.Linear):
-            bad.append(f"{path} is a {type(layer).__name__}, not a Linear layer")
-            continue
-        if set(ab) != {"A", "B"}:
-            bad.append(f"{path} has lora_{''.join(ab)} only")
-            continue
-        a, b = ab["A"], ab["B"]
-        if len(a) != 2 or len(b) != 2 or a[1] != layer.in_features or b[0] != layer.out_features or a[0] != b[1]:
-            bad.append(f"{path}: A {a}, B {b}, but the layer is Linear({layer.in_features} -> {layer.out_features}), "
-                       f"which needs A (r, {layer.in_features}) and B ({layer.out_features}, r)")
-            continue
-        ranks[path] = a[0]
-    if bad:
-        raise EvalInputError(f"{where} does not fit the model ({len(bad)} layer(s)): " + "; ".join(bad[:3]))
-    config = json.loads(metadata) if isinstance(metadata, str) else (metadata or {})  # keys "transformer.r", ...
-    r = config.get("transformer.r")
-    if r is not None and not config.get("transformer.rank_pattern") and set(ranks.values()) != {r}:
-        raise EvalInputError(f"{where}: its saved LoraConfig says rank {r}, its weights have ranks {sorted(set(ranks.values()))}")
-    return ranks
-
-
 def load_adapters(pipe, loras: dict[str, str]) -> dict[str, str | None]:
     """Load every LoRA as a named adapter of pipe.transformer; returns {model name: adapter name},
     with "base" -> None. All folders are checked first, so a bad one fails before any is loaded."""
-    layers = {name: check_lora_fits(pipe.transformer, folder, name) for name, folder in loras.items()}
+    layers = {name: common.check_lora_fits(pipe.transformer, folder, name)[1] for name, folder in loras.items()}
     adapters: dict[str, str | None] = {BASE: None}
     for i, (name, folder) in enumerate(loras.items()):
         adapter = f"eval_{i}"  # peft adapter names must be plain identifiers; table names may hold "/"
@@ -384,16 +270,11 @@ def load_adapters(pipe, loras: dict[str, str]) -> dict[str, str | None]:
 
 def activate(transformer: torch.nn.Module, adapter: str | None) -> None:
     """Make `adapter` the only active LoRA, or disable all LoRAs (adapter None = the base model)."""
-    model = transformer
-    if not getattr(model, "peft_config", None):
-        if adapter is not None:
-            raise RuntimeError(f"adapter {adapter} is not loaded")
-        return  # no LoRA loaded at all: already the base model
-    if adapter is None:
-        model.disable_lora()
-    else:
-        model.enable_lora()
-        model.set_adapters(adapter)
+    if adapter is not None:
+        transformer.enable_lora()
+        transformer.set_adapters(adapter)
+    elif getattr(transformer, "peft_config", None):  # with no LoRA loaded it is the base model already
+        transformer.disable_lora()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,34 +282,17 @@ def activate(transformer: torch.nn.Module, adapter: str | None) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def noise_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    """A 64-bit generator seed for image `image_index` of prompt `prompt_index` (global indices).
-    SeedSequence mixes the three numbers, so nearby (p, j) do not get correlated streams."""
-    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1, dtype=np.uint64)[0])
-
-
-def initial_noise(seed: int, prompt_index: int, num_images: int, event_shape) -> torch.Tensor:
-    """(num_images, *event_shape) float32 N(0, I) on the CPU, the same on any machine, rank or batch."""
-    return torch.stack([
-        torch.randn(tuple(event_shape), generator=torch.Generator("cpu").manual_seed(noise_seed(seed, prompt_index, j)))
-        for j in range(num_images)
-    ])
-
-
-def checksum(x: torch.Tensor) -> str:
-    """Short SHA-256 of a tensor's fp32 bytes: equal strings = bit-identical tensors."""
-    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def load_scorers(names: list[str], paths: dict, geneval_url: str | None, device, dtype, batch_size: int) -> dict:
+def load_scorers(names: list[str], paths: dict, args: Args, device) -> dict:
     """{metric: callable} for the reward metrics and cosdiv (lgmd needs no model)."""
+    dtype, batch_size = common.DTYPES[args.metric_dtype], args.metric_batch_size
     scorers = {}
     for name in names:
         if name == "cosdiv":
             scorers[name] = metrics.load_dinov2(paths.get(name, metrics.DINO_DEFAULT_ID), device=device, dtype=dtype,
                                                 batch_size=batch_size)
         elif name == "geneval":  # evaluation: fraction of criteria met (App. D.1), not the strict training reward
-            scorers[name] = rewards.load_reward(name, geneval_url, strict=False)
+            scorers[name] = rewards.load_reward(name, args.geneval_url, strict=False, timeout=args.reward_timeout,
+                                                retries=args.reward_retries)
         elif name == "ocr":
             scorers[name] = rewards.load_reward(name)
         elif METRICS[name][1] == "reward":
@@ -460,40 +324,6 @@ def score_batch(scorers: dict, names: list[str], images, latents, texts, metadat
 # ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8 (as a PNG stores it)."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(path: str, prompt: str, rows: dict[str, np.ndarray], cell_height: int) -> None:
-    """One PNG: the prompt on top, one labelled row per model, one column per initial noise."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    first = next(iter(rows.values()))
-    n, h, w = first.shape[:3]
-    ch = h if cell_height == 0 or cell_height >= h else cell_height
-    cw = max(1, round(w * ch / h))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 8 + max(int(probe.textlength(name, font=font)) for name in rows)
-    line_h = 14
-    header = textwrap.wrap(prompt, width=max(20, (label_w + n * cw) // 7))[:4] or [""]
-    top = 6 + line_h * len(header)
-    grid = Image.new("RGB", (label_w + n * cw, top + len(rows) * ch), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, line in enumerate(header):
-        draw.text((4, 3 + i * line_h), line, fill="black", font=font)
-    for r, (name, images) in enumerate(rows.items()):
-        y = top + r * ch
-        draw.text((4, y + ch // 2 - 6), name, fill="black", font=font)
-        for j, img in enumerate(images):
-            tile = Image.fromarray(img)
-            if tile.size != (cw, ch):
-                tile = tile.resize((cw, ch), Image.LANCZOS)
-            grid.paste(tile, (label_w + j * cw, y))
-    grid.save(path)
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -599,23 +429,22 @@ def evaluate(args: Args) -> dict | None:
         raise RuntimeError(f"launched as {launched} processes but accelerate formed a group of {state.num_processes}; "
                            "on CPU set ACCELERATE_USE_CPU=true")
     device = state.device
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype = common.resolve_dtype(args.dtype, device)
     n, H, W = args.images_per_prompt, args.height, args.width
     dtype_name = str(dtype).replace("torch.", "")
 
     pipe = flux.load_flux(args.model, dtype=dtype, device=device)
-    _, _, seq_len, channels = flux.latent_geometry(pipe, H, W)  # checks the image size; (S, C) packed
+    flux.latent_geometry(pipe, H, W)  # checks the image size
     adapters = load_adapters(pipe, loras)  # every LoRA checked against the transformer before any is loaded
-    scorers = load_scorers(names, parsed["metric_paths"], args.geneval_url, device, DTYPES[args.metric_dtype],
-                           args.metric_batch_size)
-    sigmas = flux.flux_sigmas(pipe, args.steps, H, W)  # FluxPipeline's shifted grid at this resolution
-    spec = tree_sampler.TreeSpec(args.steps, roots=n, fanout={})  # no SDE step: plain Euler = FluxPipeline
-    img_ids = flux.image_ids(pipe, H, W, device=device)
+    scorers = load_scorers(names, parsed["metric_paths"], args, device)
     model_names = list(adapters)
 
     with state.split_between_processes(list(range(len(texts)))) as mine:
         mine = list(mine)  # this rank's global prompt indices (contiguous block)
     batches = [mine[i:i + args.prompts_per_batch] for i in range(0, len(mine), args.prompts_per_batch)]
+    for old in parsed["replaced"] if state.is_main_process else ():  # --overwrite: no old grid stays beside the new
+        shutil.rmtree(os.path.join(args.out, old)) if old in ("grids", "images") else os.remove(os.path.join(args.out, old))
+    state.wait_for_everyone()
     grid_dir = os.path.join(args.out, "grids")
     os.makedirs(grid_dir, exist_ok=True)
     digits = max(3, len(str(len(texts) - 1)))
@@ -631,23 +460,18 @@ def evaluate(args: Args) -> dict | None:
     for batch in batches:
         batch_texts = [texts[p] for p in batch]
         batch_meta = None if metadata is None else [metadata[p] for p in batch]
-        x_root = torch.cat([initial_noise(args.seed, p, n, (seq_len, channels)) for p in batch])  # (B*n, S, C)
         thumbs = {p: {} for p in batch}
         for name, adapter in adapters.items():
             start = time.perf_counter()
             activate(pipe.transformer, adapter)
-            noise_sums = [checksum(x) for x in x_root]  # of exactly what this model starts from
-            cond, text_ids = flux.encode_prompts(pipe, batch_texts, args.max_sequence_length, device=device)
-            velocity_fn = flux.make_velocity_fn(pipe.transformer, text_ids, img_ids, guidance=args.guidance)
-            ro = tree_sampler.rollout(velocity_fn, spec, sigmas, cond, num_groups=len(batch),
-                                      event_shape=(seq_len, channels), x_root=x_root.to(device), max_batch=args.max_batch)
-            images = flux.decode(pipe, ro.x0, H, W, max_batch=args.max_batch)  # (B*n, 3, H, W) in [0, 1]
-            latents = flux.unpacked_latents(pipe, ro.x0, H, W)  # (B*n, C, h, w), LGMD's z
+            x1, images, latents = common.paired_samples(pipe, batch_texts, batch, args.seed, n, args.steps, args.guidance,
+                                                        H, W, args.max_sequence_length, args.max_batch)
+            noise_sums = [common.checksum(x) for x in x1]  # of exactly what this model started from
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # kernels run asynchronously: time them, not their launch
             seconds = (time.perf_counter() - start) / len(batch)
             scores = score_batch(scorers, names, images, latents, batch_texts, batch_meta, n)
-            pixels = to_uint8(images)  # (B*n, H, W, 3)
+            pixels = common.to_uint8(images)  # (B*n, H, W, 3)
             for b, p in enumerate(batch):
                 thumbs[p][name] = pixels[b * n:(b + 1) * n]
                 records.append({"model": name, "index": p, "scores": scores[b], "seconds": seconds,
@@ -655,7 +479,7 @@ def evaluate(args: Args) -> dict | None:
             bar.set_postfix_str(name)
             bar.update(1)
         for p in batch:
-            save_grid(os.path.join(grid_dir, f"prompt_{p:0{digits}d}.png"), texts[p], thumbs[p], args.grid_size)
+            common.save_grid(os.path.join(grid_dir, f"prompt_{p:0{digits}d}.png"), texts[p], thumbs[p], args.grid_size)
             if args.save_images:
                 from PIL import Image
 
@@ -667,33 +491,28 @@ def evaluate(args: Args) -> dict | None:
     bar.close()
 
     records = gather_object(records)  # every rank's per-prompt scores, on every rank
+    common.end_run(state)  # the process group, taken down in order (see common.end_run)
     if not state.is_main_process:
         return None
     config = dataclasses.asdict(args)
     config.update(
-        metrics=names, num_prompts=len(texts), num_processes=state.num_processes, dtype=dtype_name,
-        loras=loras, sigmas=[float(s) for s in sigmas],
+        metrics=names, num_prompts=len(texts), num_processes=state.num_processes, dtype=dtype_name, loras=loras,
+        sigmas=[float(s) for s in flux.flux_sigmas(pipe, args.steps, H, W)],  # FluxPipeline's shifted grid
+        sampler="FluxPipeline.__call__(prompt_embeds, pooled_prompt_embeds, latents, guidance_scale, num_inference_steps)",
         noise="torch.randn on the CPU, float32, (S, C) packed latent per image; generator seed = "
               "numpy SeedSequence([seed, prompt_index, image_index]).generate_state(1, uint64)",
-        versions={"torch": torch.__version__, "diffusers": _version("diffusers"), "transformers": _version("transformers")},
+        versions={package: version(package) for package in ("torch", "diffusers", "transformers")},
     )
     results = {"config": config, **summarize(records, names, model_names, texts)}
     for m, folder in {BASE: None, **loras}.items():
         results["models"][m]["lora"] = folder
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+    common.write_json(os.path.join(args.out, "results.json"), results)
     table = markdown_table(results, names)
     with open(os.path.join(args.out, "results.md"), "w") as fh:
         fh.write(table)
     print(table)
     print(f"wrote {os.path.join(args.out, 'results.json')}, results.md and {len(texts)} grids in {grid_dir}")
     return results
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,8 @@ Paper: Li et al. 2026, "Trajectory Matching Policy Optimization", Sec. 4 and App
 Equation numbers are those of ../shared/paper/EQUATIONS.md. The math lives in two files this
 script only calls: tmpo.py (advantage Eq. 5 / 28, clipped loss Eq. 6, beta warmup) and
 tree_sampler.py (the tree rollout of Sec. 4.2, branch curriculum Eqs. 41-46, the importance-sampled
-update Eqs. 7, 30-32). flux.py turns FLUX into a velocity function, rewards.py scores images.
+update Eqs. 7, 30-32). flux.py turns FLUX into a velocity function, rewards.py scores images,
+common.py holds the plumbing shared with eval.py (flags, prompt files, the ODE sampler, grids).
 
 One iteration ("step"), per process, for `prompts_per_process` prompts (G):
   1. branch positions from the curriculum (Eqs. 41-46; the same tree shape on every rank);
@@ -12,27 +13,32 @@ One iteration ("step"), per process, for `prompts_per_process` prompts (G):
   3. VAE decode, reward R (N = G K images), optionally z-scored within each group;
   4. advantage: TMPO A = log softmax(beta R) - log softmax(log P(tau)) (Eq. 5), or GRPO's
      z-scored reward (Eq. 28);
-  5. `updates_per_rollout` clipped IS updates (Eqs. 6-7), AdamW, grad-norm clip, cosine lr;
-  6. every `ema_every` steps the EMA of the LoRA weights (used for evaluation and saving).
+  5. `updates_per_rollout` clipped IS updates (Eqs. 6-7), AdamW, grad-norm clip, lr schedule
+     (diffusers' get_scheduler, cosine by default);
+  6. every `ema_every` steps the EMA of the LoRA weights (used for validation and saving);
+  7. every `validation_every` steps: ODE samples of held-out prompts from the EMA weights and
+     fixed noise, scored (rewards, LGMD) and drawn as a grid: reward hacking shows in images first.
 
-Run it (the defaults are the paper's PickScore protocol, App. D):
+Run it. The four protocols of App. D are presets in configs/ (pickscore, geneval, ocr, joint);
+flags given after --config override the file. Flags are spelled --flag_name or --flag-name, and
+the diffusers spellings work too (--pretrained_model_name_or_path, --learning_rate, ...):
     # 8 GPUs, FSDP (the paper's setup); --prompts: .txt (one per line), .json or .jsonl
-    accelerate launch --config_file accelerate_configs/fsdp_8gpu.yaml train.py \
-        --model black-forest-labs/FLUX.1-dev --prompts prompts/pickscore_train.txt \
-        --reward pickscore --output-dir outputs/tmpo_pickscore --report-to tensorboard
+    scripts/train_8gpu.sh configs/pickscore.yaml --model black-forest-labs/FLUX.1-dev \
+        --prompts prompts/pickscore_train.txt --reward_path pickscore=/models/PickScore_v1 \
+        --output_dir outputs/tmpo_pickscore
     # one GPU
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml train.py --prompts p.txt ...
+    scripts/train_1gpu.sh configs/pickscore.yaml --prompts p.txt ...
     # baselines through the same loop
-    ... train.py --method grpo --sampler independent --kl-coef KL     # Flow-GRPO
-    ... train.py --method grpo --sampler tree                         # tree-GRPO
+    ... --method grpo --sampler independent --kl_coef KL     # Flow-GRPO
+    ... --method grpo --sampler tree                         # tree-GRPO
     # continue a run that was stopped
-    ... train.py ... --output-dir outputs/tmpo_pickscore --resume latest
+    ... --output_dir outputs/tmpo_pickscore --resume latest
     # CPU smoke run on tiny random models (no downloads)
     python tests/tiny_flux.py /tmp/tiny_flux && python tests/tiny_rewards.py /tmp/tiny_rewards
-    printf 'a photo of a cat\na red cube\n' > /tmp/p.txt
-    python train.py --model /tmp/tiny_flux --reward-path pickscore=/tmp/tiny_rewards/pickscore \
-        --prompts /tmp/p.txt --height 32 --width 32 --max-sequence-length 16 --max-steps 2 \
-        --save-every 1 --output-dir /tmp/tmpo_smoke
+    printf 'a photo of a cat\na red cube\na dog\n' > /tmp/p.txt
+    python train.py --model /tmp/tiny_flux --reward_path pickscore=/tmp/tiny_rewards/pickscore \
+        --prompts /tmp/p.txt --height 32 --width 32 --max_sequence_length 16 --max_steps 2 \
+        --save_every 1 --validation_every 1 --validation_split 1 --output_dir /tmp/tmpo_smoke
     # two CPU processes (DDP over gloo); note: `--cpu --num_processes 2` starts only one
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no train.py ... (same flags)
@@ -48,15 +54,15 @@ SDE positions 1..N-2. The released configs' early [1, 2, 3] / late [1, 3, 5] on 
 [0, 2, 3] / [0, 3, 4] here (the released code promotes a first position <= 1 to independent
 roots and clamps to N - 2), the defaults.
 
-Log-prob reduction (`--logprob-reduce`): "mean" is the paper's per-dimension log-prob (Eq. 49). It
+Log-prob reduction (`--logprob_reduce`): "mean" is the paper's per-dimension log-prob (Eq. 49). It
 does not cancel in the softmax of Eq. (5): log P differences shrink by D (65536 at 512^2), so p is
 close to uniform and the TMPO advantage is close to log softmax(beta R) + log K. "sum" is the true
 log-density (Eq. 48); the importance ratio uses the same reduction (with "mean", its RatioNorm
 correction is divided by D too; tree_sampler.update).
 
-Rewards: `--reward-zscore` (default on, as the released configs) z-scores the reward within each
+Rewards: `--reward_zscore` (default on, as the released configs) z-scores the reward within each
 group before the advantage, so beta acts on standardized rewards. Several rewards
-(`--reward pickscore,hps --reward-weights 1,1`) are each z-scored within the group and summed with
+(`--reward pickscore hps --reward_weights 1 1`) are each z-scored within the group and summed with
 the weights first (App. D.2, rewards.MultiReward).
 
 Distributed: each rank draws its own noise (a torch.Generator seeded from (seed, rank); the released
@@ -66,26 +72,35 @@ backwards, must agree across DDP/FSDP ranks). Prompts: each step takes the next 
 x world_size entries of a per-epoch shuffle (a pure function of (seed, step), so resuming needs no
 data state) and rank r takes its slice. Logging and saving on the main process only.
 
-Checkpoints (`--output-dir`, every `--save-every` steps, written to checkpoint-{step}.tmp and then
+Checkpoints (`--output_dir`, every `--save_every` steps, written to checkpoint-{step}.tmp and then
 renamed, so a crash never leaves a half-written checkpoint-{step}):
     checkpoint-{step}/lora/pytorch_lora_weights.safetensors   current LoRA, diffusers format
     checkpoint-{step}/ema/pytorch_lora_weights.safetensors    EMA LoRA (use this one to evaluate)
-    checkpoint-{step}/trainer_state.pt   step, optimizer (unless sharded), lr scheduler, args
+    checkpoint-{step}/trainer_state.pt   step, optimizer (unless sharded), lr scheduler, args, a
+                                         fingerprint of the base weights (resuming on others is refused)
     checkpoint-{step}/rank{r}.pt         rank r's RNG states (+ its optimizer shard under FSDP)
+    checkpoint-{step}/manifest.json      its step and the size of every file (a truncated one is named)
 `FluxPipeline.load_lora_weights("checkpoint-500/ema")` loads a checkpoint as is. `--resume latest`
-continues from the newest one; a run stopped and resumed ends with the same weights as an
-uninterrupted run (tests/test_train.py). Also written: metrics.jsonl (one line of metrics per step)
-and run_summary.json: the plan, and the evidence a distributed run did what it should: each rank's
-first root-noise checksum and prompt indices (they differ across ranks) and each rank's final LoRA
-checksum (equal across ranks: gradients were all-reduced).
+continues from the newest one, if it passes its manifest (else the error lists those that do); a
+run stopped and resumed ends with the same weights as an uninterrupted run (tests/test_train.py).
+A finished run resumed says so and changes nothing; with a larger --max_steps it is extended.
+`--checkpoints_total_limit N` keeps the newest N. While a run owns --output_dir it holds
+train.lock there (pid, host, start time): a second run is refused before loading anything; a lock
+left by a killed run is reported as stale and taken over with --take_over_lock. SIGTERM (a
+preemption) finishes the step in progress, saves a checkpoint and exits with status 143 saying how
+to resume (tests/test_faults.py covers these faults). Also written: metrics.jsonl (one line of metrics per step),
+validation/step-{step}.png (the validation grids), the tracker logs (--report_to; tensorboard in
+{output_dir}/{tracker_project}) and run_summary.json: the plan, and the evidence a distributed run
+did what it should: each rank's first root-noise checksum and prompt indices (they differ across
+ranks) and each rank's final LoRA checksum (equal across ranks: gradients were all-reduced).
 
 A NaN or infinite latent, log-prob, reward, loss or gradient norm stops the run with an error that
 names the step and the prompt(s); nothing is clamped or replaced, and checkpoints already written
 stay intact.
 
-Metrics (accelerate trackers, `--report-to`, and metrics.jsonl; means over all ranks):
+Metrics (accelerate trackers, `--report_to`, and metrics.jsonl; means over all ranks):
     reward/mean        mean reward R over all images of the step (the weighted sum of z-scores
-                       for several rewards; the raw score for one), before --reward-zscore
+                       for several rewards; the raw score for one), before --reward_zscore
     reward/std         within-prompt std of R, averaged over prompts (0 = no learning signal)
     reward/<name>      mean raw score of each reward model (e.g. reward/pickscore, ~22-24)
     policy/loss        the clipped surrogate loss of Eq. (6) (+ kl_coef * KL) at the parameters
@@ -100,111 +115,104 @@ Metrics (accelerate trackers, `--report-to`, and metrics.jsonl; means over all r
     tree/nfe_update    transformer evaluations of the update(s): with grad + without grad
     tree/branch_<b>    position of branch level b (0-based, 0 = independent roots)
     train/beta         reward temperature beta (linear warmup, Sec. 4.1)
-    train/lr           learning rate after the cosine schedule
+    train/lr           learning rate the step's last optimizer step used
     train/grad_norm    global grad norm before clipping (last update of the step)
     time/rollout_s     seconds of the tree rollout; time/decode_s VAE decode; time/reward_s reward
     time/update_s      seconds of the update(s); time/iter_s the whole step
+    validation/reward_<name>  mean raw score of the held-out prompts' ODE samples (EMA weights,
+                       the same noise at every validation), validation steps only
+    validation/lgmd    LGMD of each held-out prompt's samples (metrics.lgmd), mean over prompts
 """
 
-import argparse
+import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
-import random
-import re
-import shutil
 import sys
 import time
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import torch
+from transformers.hf_argparser import HfArg
 
+import common
 import flux
+import metrics
 import rewards
 import tmpo
 import tree_sampler
 
-METHODS = ("tmpo", "grpo")
-SAMPLERS = ("tree", "independent")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def arg(default, help: str, **kw):
-    """A dataclass field that carries its one-line --help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
 
 @dataclass
-class Args:
-    # model
-    model: str = arg("black-forest-labs/FLUX.1-dev", "diffusers FluxPipeline folder or hub id")
-    dtype: str = arg("auto", "base weights' dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; LoRA is always fp32",
-                    choices=("auto", *DTYPES))
-    lora_rank: int = arg(64, "LoRA rank r (App. D: 64)")
-    lora_alpha: float = arg(128.0, "LoRA alpha (App. D: 128; scale alpha / r)")
-    gradient_checkpointing: bool = arg(False, "recompute transformer blocks in backward (less memory, ~30%% slower)")
+class Args(common.FluxArgs):
+    """Train FLUX with TMPO (Softmax Trajectory Balance) or GRPO; defaults = the paper's PickScore protocol (App. D)."""
+
+    # model (and common.FluxArgs: --config, --model, --prompts, --guidance, --height, --width, ...)
+    dtype: Literal["auto", "bf16", "fp32"] = HfArg(default="auto", help="base weights: auto = bf16 on GPU, fp32 on CPU (no fp16: FLUX overflows)")
+    lora_rank: int = HfArg(default=64, help="LoRA rank r (App. D: 64)")
+    lora_alpha: float = HfArg(default=128.0, help="LoRA alpha (App. D: 128; scale alpha / r); the LoRA is always fp32")
+    gradient_checkpointing: bool = HfArg(default=False, help="recompute transformer blocks in backward (less memory, ~30%% slower)")
     # prompts
-    prompts: str = arg("", "prompt file: .txt (one per line), .json (list of strings or of {'prompt': ...}) or .jsonl")
-    prompts_per_process: int = arg(1, "G: prompts per process per step (App. D: 1 per GPU)")
+    prompts_per_process: int = HfArg(default=1, help="G: prompts per process per step (App. D: 1 per GPU)")
     # sampling (Sec. 4.2, App. C)
-    method: str = arg("tmpo", "tmpo (Softmax-TB advantage, Eq. 5) | grpo (z-scored reward, Eq. 28)", choices=METHODS)
-    sampler: str = arg("tree", "tree (prefix-sharing tree, Sec. 4.2) | independent (Flow-GRPO: K independent SDE trajectories)",
-                       choices=SAMPLERS)
-    num_steps: int = arg(6, "N: denoising steps of a training rollout (App. D: 6)")
-    branch_k: int = arg(3, "k: children per branch point (App. D: 3); leaves per prompt K = k^L")
-    branch_early: tuple = arg((0, 2, 3), "curriculum branch positions at the start (Eq. 41), 0-based, 0 = independent roots; = the released configs' [1,2,3]")
-    branch_late: tuple = arg((0, 3, 4), "curriculum branch positions at the end (Eq. 41); = the released configs' [1,3,5] (5 clamped to N-2)")
-    kappa: float = arg(6.0, "kappa: Beta concentration of the position perturbation (Eq. 43; inf = no perturbation)")
-    eta: float = arg(0.7, "eta: SDE noise level (CPS, Eq. 9: s = t' sin(eta pi / 2); App. D: 0.7)")
-    sde_kind: str = arg("cps", "cps (Eq. 9, released configs) | flow_grpo (Eqs. 39-40)", choices=("cps", "flow_grpo"))
-    guidance: float = arg(3.5, "FLUX.1-dev guidance embedding scale (App. D: 3.5; no CFG)")
-    height: int = arg(512, "image height in pixels (App. D: 512)")
-    width: int = arg(512, "image width in pixels (App. D: 512)")
-    max_sequence_length: int = arg(512, "T5 tokens per prompt (FluxPipeline's default for FLUX.1-dev: 512)")
-    rollout_batch: int = arg(0, "max rows per transformer call in the rollout (0 = all active nodes at once)")
-    decode_batch: int = arg(8, "images per VAE decode call (bounds decode memory)")
+    method: Literal["tmpo", "grpo"] = HfArg(default="tmpo", help="tmpo (Softmax-TB advantage, Eq. 5) | grpo (z-scored reward, Eq. 28)")
+    sampler: Literal["tree", "independent"] = HfArg(default="tree", help="tree (Sec. 4.2) | independent (Flow-GRPO: K SDE trajectories)")
+    num_steps: int = HfArg(default=6, help="N: denoising steps of a training rollout (App. D: 6)")
+    branch_k: int = HfArg(default=3, help="k: children per branch point (App. D: 3); leaves per prompt K = k^L")
+    branch_early: list[int] = HfArg(default_factory=lambda: [0, 2, 3], help="branch positions at the start (Eq. 41), 0-based, 0 = roots; released [1,2,3]")
+    branch_late: list[int] = HfArg(default_factory=lambda: [0, 3, 4], help="branch positions at the end (Eq. 41); released [1,3,5] (5 clamped to N-2)")
+    kappa: float = HfArg(default=6.0, help="kappa: Beta concentration of the position perturbation (Eq. 43; inf = no perturbation)")
+    eta: float = HfArg(default=0.7, help="eta: SDE noise level (CPS, Eq. 9: s = t' sin(eta pi / 2); App. D: 0.7)")
+    sde_kind: Literal["cps", "flow_grpo"] = HfArg(default="cps", help="cps (Eq. 9, released configs) | flow_grpo (Eqs. 39-40)")
+    rollout_batch: int = HfArg(default=0, help="max rows per transformer call in the rollout (0 = all active nodes at once)")
+    decode_batch: int = HfArg(default=8, help="images per VAE decode call (bounds decode memory)")
     # reward and advantage (Sec. 4.1, App. D.2)
-    reward: str = arg("pickscore", f"reward model(s), comma-separated, from {', '.join(rewards.REWARDS)}")
-    reward_weights: str = arg("", "weights w_m of several rewards, comma-separated (App. D.2; default all 1)")
-    reward_path: list = arg([], "NAME=PATH: local weights (or hub id) of reward NAME; repeat per reward")
-    geneval_url: str = arg("", f"GenEval server URL (default {rewards.DEFAULT_GENEVAL_URL})")
-    reward_dtype: str = arg("fp32", "reward models' dtype: fp32 | bf16", choices=tuple(DTYPES))
-    reward_zscore: bool = arg(True, "z-score R within each prompt's group before the advantage (released configs)")
-    beta_start: float = arg(0.8, "beta_0: reward temperature at step 0 (Sec. 4.1; released: 0.8)")
-    beta_end: float = arg(2.0, "beta_1: reward temperature after warmup (released: 2.0)")
-    beta_warmup_steps: int = arg(150, "W: steps of linear beta warmup (released: 150; 100 for OCR)")
-    logprob_reduce: str = arg("mean", "log-prob reduction: mean (per-dimension, Eq. 49, the paper) | sum (log-density, Eq. 48)",
-                         choices=("mean", "sum"))
+    reward: list[str] = HfArg(default_factory=lambda: ["pickscore"], help=f"reward model(s), from {', '.join(rewards.REWARDS)}")
+    reward_weights: list[float] = HfArg(default_factory=list, help="weights w_m of several rewards (App. D.2; default all 1)")
+    reward_path: list[str] = HfArg(default_factory=list, metadata={"action": "extend"}, help="NAME=PATH: weights (or hub id) of reward NAME; repeatable")
+    reward_dtype: Literal["fp32", "bf16"] = HfArg(default="fp32", help="reward models' dtype")
+    reward_zscore: bool = HfArg(default=True, help="z-score R within each prompt's group before the advantage (released configs)")
+    beta_start: float = HfArg(default=0.8, help="beta_0: reward temperature at step 0 (Sec. 4.1; released: 0.8)")
+    beta_end: float = HfArg(default=2.0, help="beta_1: reward temperature after warmup (released: 2.0)")
+    beta_warmup_steps: int = HfArg(default=150, help="W: steps of linear beta warmup (released: 150; 100 for OCR)")
+    logprob_reduce: Literal["mean", "sum"] = HfArg(default="mean", help="mean (per-dimension, Eq. 49, the paper) | sum (log-density, Eq. 48)")
     # update (Eqs. 6-7, 30-32)
-    clip_eps: float = arg(0.2, "epsilon: IS ratio clip range (Eq. 6; App. D: 0.2)")
-    ratio_norm: bool = arg(True, "RatioNorm bias correction of the IS ratio (Eq. 32)")
-    kl_coef: float = arg(0.0, "weight of the KL to the reference model (LoRA disabled); 0 for TMPO as released")
-    updates_per_rollout: int = arg(1, "optimizer steps per rollout (the first is exactly on-policy)")
-    update_chunk: int = arg(4, "parents per backward in the update (bounds memory, same gradient; 0 = one graph)")
-    lr: float = arg(5e-5, "AdamW learning rate (App. D: 5e-5 PickScore, 3e-5 others)")
-    weight_decay: float = arg(1e-4, "AdamW weight decay (App. D: 1e-4)")
-    adam_beta1: float = arg(0.9, "AdamW beta1")
-    adam_beta2: float = arg(0.999, "AdamW beta2")
-    adam_eps: float = arg(1e-8, "AdamW epsilon")
-    lr_warmup_steps: int = arg(0, "linear lr warmup, in optimizer steps, before the cosine decay")
-    max_grad_norm: float = arg(0.3, "global grad-norm clip (App. D: 0.3 PickScore, 0.5 others)")
-    max_steps: int = arg(500, "training steps (iterations) (App. D: 500 PickScore, 1000 GenEval, 250 OCR)")
-    ema_decay: float = arg(0.9, "EMA decay of the LoRA weights (App. D: 0.9)")
-    ema_every: int = arg(8, "EMA update interval in steps (App. D: 8)")
+    clip_eps: float = HfArg(default=0.2, help="epsilon: IS ratio clip range (Eq. 6; App. D: 0.2)")
+    ratio_norm: bool = HfArg(default=True, help="RatioNorm bias correction of the IS ratio (Eq. 32)")
+    kl_coef: float = HfArg(default=0.0, help="weight of the KL to the reference model (LoRA disabled); 0 for TMPO as released")
+    updates_per_rollout: int = HfArg(default=1, help="optimizer steps per rollout (the first is exactly on-policy)")
+    update_chunk: int = HfArg(default=4, help="parents per backward in the update (bounds memory, same gradient; 0 = one graph)")
+    lr: float = HfArg(default=5e-5, aliases=["--learning_rate"], help="AdamW learning rate (App. D: 5e-5 PickScore, 3e-5 others)")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = HfArg(default="cosine", help="diffusers' get_scheduler (App. D: cosine)")
+    lr_warmup_steps: int = HfArg(default=0, help="lr warmup in optimizer steps (diffusers: lr 0 at the first step, then linear)")
+    weight_decay: float = HfArg(default=1e-4, help="AdamW weight decay (App. D: 1e-4)")
+    adam_beta1: float = HfArg(default=0.9, help="AdamW beta1")
+    adam_beta2: float = HfArg(default=0.999, help="AdamW beta2")
+    adam_eps: float = HfArg(default=1e-8, help="AdamW epsilon")
+    max_grad_norm: float = HfArg(default=0.3, help="global grad-norm clip (App. D: 0.3 PickScore, 0.5 others)")
+    max_steps: int = HfArg(default=500, aliases=["--max_train_steps"], help="steps (App. D: 500 PickScore and joint, 1000 GenEval, 250 OCR)")
+    ema_decay: float = HfArg(default=0.9, help="EMA decay of the LoRA weights (App. D: 0.9)")
+    ema_every: int = HfArg(default=8, help="EMA update interval in steps (App. D: 8)")
+    # validation (not in the paper: a view of the EMA policy while it trains)
+    validation_every: int = HfArg(default=0, help="validate every this many steps (0 = never): EMA weights, fixed noise, ODE")
+    validation_prompts: str = HfArg(default="", help="held-out prompt file for validation (same formats as --prompts)")
+    validation_split: int = HfArg(default=0, help="or hold out this many prompts of --prompts (chosen by --seed) for validation")
+    validation_images: int = HfArg(default=4, help="images per validation prompt (>= 2: LGMD compares them)")
+    validation_steps: int = HfArg(default=28, help="ODE steps of a validation sample (the paper's evaluation: 28)")
     # run
-    seed: int = arg(0, "seed: LoRA init, data order and branch positions (same on all ranks); noise per (seed, rank)")
-    output_dir: str = arg("outputs/tmpo", "checkpoints, run_summary.json, metrics.jsonl and tracker logs")
-    save_every: int = arg(50, "write checkpoint-{step} every this many steps (and at the end)")
-    resume: str = arg("", "continue from 'latest' (newest checkpoint in --output-dir) or a checkpoint folder")
-    stop_after_steps: int = arg(0, "stop once this step number is reached, as a kill would (no final save); 0 = run to --max-steps")
-    report_to: str = arg("none", "metrics tracker: none | tensorboard | wandb", choices=("none", "tensorboard", "wandb"))
-    tracker_project: str = arg("tmpo", "project name for the tracker")
+    seed: int = HfArg(default=0, help="seed: LoRA init, data order and branch positions (same on all ranks); noise per (seed, rank)")
+    output_dir: str = HfArg(default="outputs/tmpo", help="checkpoints, run_summary.json, metrics.jsonl, validation grids, tracker logs")
+    save_every: int = HfArg(default=50, help="write checkpoint-{step} every this many steps (and at the end)")
+    checkpoints_total_limit: int = HfArg(default=0, help="keep only the newest N checkpoints (the oldest removed once a new one is complete; 0 = all)")
+    resume: str = HfArg(default="", aliases=["--resume_from_checkpoint"], help="'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
+    stop_after_steps: int = HfArg(default=0, help="stop once this step number is reached, as a kill would (no final save); 0 = never")
+    report_to: Literal["tensorboard", "wandb", "none"] = HfArg(default="tensorboard", help="metrics tracker (accelerate)")
+    tracker_project: str = HfArg(default="tmpo", help="project name for the tracker (tensorboard: its log folder in --output_dir)")
+    take_over_lock: bool = HfArg(default=False, help="take over --output_dir's lock left by a run that is gone (a stale lock)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,152 +220,67 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> tuple:
-    try:
-        return tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,2,3; got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """argparse generated from `Args`: --field-name for every field, its doc as --help."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(Args)
-    for f in dataclasses.fields(Args):
-        flag, tp = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
-        elif tp is tuple:
-            parser.add_argument(flag, type=_int_list, default=default, help=f.metadata["help"])
-        elif tp is list:
-            parser.add_argument(flag, action="append", default=None, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=tp, default=default, help=f.metadata["help"], choices=f.metadata.get("choices"))
-    return parser
+# The valid range of every numeric flag (common.check_ranges), checked before any model loads.
+RANGES = {
+    "lora_rank": "[1, inf)", "lora_alpha": "(0, inf)", "prompts_per_process": "[1, inf)", "num_steps": "[2, inf)",
+    "branch_k": "[1, inf)", "kappa": "(0, inf]", "eta": "(0, 1]", "rollout_batch": "[0, inf)", "decode_batch": "[1, inf)",
+    "beta_start": "[0, inf)", "beta_end": "[0, inf)", "beta_warmup_steps": "[0, inf)", "clip_eps": "(0, 1)",
+    "kl_coef": "[0, inf)", "updates_per_rollout": "[1, inf)", "update_chunk": "[0, inf)", "lr": "(0, 1)",
+    "lr_warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+    "adam_eps": "(0, inf)", "max_grad_norm": "(0, inf)", "max_steps": "[1, inf)", "ema_decay": "[0, 1)",
+    "ema_every": "[1, inf)", "validation_every": "[0, inf)", "validation_split": "[0, inf)",
+    "validation_images": "[2, inf)", "validation_steps": "[1, inf)", "seed": "[0, 4294967295]", "save_every": "[1, inf)",
+    "stop_after_steps": "[0, inf)", "checkpoints_total_limit": "[0, inf)",
+}
 
 
 def parse_args(argv=None) -> Args:
-    ns = build_parser().parse_args(argv)
-    args = Args(**{k: ([] if v is None and k == "reward_path" else v) for k, v in vars(ns).items()})
-    validate(args)
+    args = common.parse_args(Args, argv, prog="train.py")
+    check_args(args)
     return args
 
 
-def validate(args: Args) -> None:
-    """Every check that needs no model: fail before minutes of loading."""
+def check_args(args: Args) -> None:
+    """Every check that needs no model: fail before minutes of loading (raises common.InputError)."""
     def need(ok, msg):
         if not ok:
-            raise SystemExit(f"train.py: error: {msg}")
+            raise common.InputError(msg)
 
-    need(args.prompts, "--prompts FILE is required (.txt one prompt per line, .json or .jsonl)")
-    need(args.method in METHODS, f"--method must be one of {METHODS}, got {args.method!r}")
-    need(args.sampler in SAMPLERS, f"--sampler must be one of {SAMPLERS}, got {args.sampler!r}")
-    need(args.dtype in ("auto", *DTYPES), f"--dtype must be auto, bf16 or fp32, got {args.dtype!r} "
-         "(fp16 is not offered: FLUX activations overflow in fp16)")
-    need(args.reward_dtype in DTYPES, f"--reward-dtype must be bf16 or fp32, got {args.reward_dtype!r}")
-    need(args.logprob_reduce in ("mean", "sum"), f"--logprob-reduce must be mean or sum, got {args.logprob_reduce!r}")
-    need(args.sde_kind in ("cps", "flow_grpo"), f"--sde-kind must be cps or flow_grpo, got {args.sde_kind!r}")
-    need(args.report_to in ("none", "tensorboard", "wandb"), "--report-to must be none, tensorboard or wandb")
-    names = [n.strip() for n in args.reward.split(",")]
-    unknown = [n for n in names if n not in rewards.REWARDS]
-    need(not unknown, f"unknown reward(s) {unknown} in --reward {args.reward!r}; known: {', '.join(rewards.REWARDS)}")
-    need(not args.geneval_url or "geneval" in names, f"--geneval-url given but geneval is not in --reward {args.reward!r}")
-    for item in args.reward_path:
-        need("=" in item, f"--reward-path takes NAME=PATH, got {item!r}")
-        need(item.split("=", 1)[0] in names, f"--reward-path {item!r} names a reward not in --reward {args.reward!r}")
-    for name, value, lo in (("prompts-per-process", args.prompts_per_process, 1), ("num-steps", args.num_steps, 2),
-                            ("branch-k", args.branch_k, 1), ("max-steps", args.max_steps, 1),
-                            ("save-every", args.save_every, 1), ("ema-every", args.ema_every, 1),
-                            ("updates-per-rollout", args.updates_per_rollout, 1), ("update-chunk", args.update_chunk, 0),
-                            ("rollout-batch", args.rollout_batch, 0), ("decode-batch", args.decode_batch, 1),
-                            ("lora-rank", args.lora_rank, 1), ("max-sequence-length", args.max_sequence_length, 1),
-                            ("stop-after-steps", args.stop_after_steps, 0), ("beta-warmup-steps", args.beta_warmup_steps, 0)):
-        need(value >= lo, f"--{name} must be >= {lo}, got {value}")
-    need(0 < args.clip_eps < 1, f"--clip-eps must be in (0, 1), got {args.clip_eps}")
-    need(0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    need(args.eta > 0, f"--eta must be > 0 (SDE steps need noise), got {args.eta}")
-    need(args.kl_coef >= 0 and args.lr > 0 and args.max_grad_norm > 0, "--kl-coef must be >= 0, --lr and --max-grad-norm > 0")
-    need(len(args.branch_early) == len(args.branch_late) > 0,
-         f"--branch-early {args.branch_early} and --branch-late {args.branch_late} need the same, nonzero length")
+    common.check_flux_args(args, RANGES)
+    unknown = [n for n in args.reward if n not in rewards.REWARDS]
+    need(not unknown, f"unknown reward(s) {unknown} in --reward; known: {', '.join(rewards.REWARDS)} (names separated by spaces)")
+    need(len(set(args.reward)) == len(args.reward), f"--reward lists a reward twice: {args.reward}")
+    need(not args.reward_weights or len(args.reward_weights) == len(args.reward),
+         f"--reward_weights {args.reward_weights}: give one weight per reward of --reward {args.reward}")
+    need(all(map(math.isfinite, args.reward_weights)), f"--reward_weights must be finite, got {args.reward_weights}")
+    need(not args.geneval_url or "geneval" in args.reward, f"--geneval_url given but geneval is not in --reward {args.reward}")
+    extra = sorted(set(common.parse_named(args.reward_path, "--reward_path")) - set(args.reward))
+    need(not extra, f"--reward_path names {extra}, which are not in --reward {args.reward}")
+    for flag in ("branch_early", "branch_late"):
+        need(sorted(set(getattr(args, flag))) == getattr(args, flag),
+             f"--{flag} {getattr(args, flag)}: branch positions must be distinct and increasing")
+    need(len(args.branch_early) == len(args.branch_late),
+         f"--branch_early {args.branch_early} and --branch_late {args.branch_late} need the same length")
     try:  # the curriculum endpoints must be valid positions (raises with the valid range)
         tree_sampler.branch_schedule(0.0, args.branch_early, args.branch_late, float("inf"), args.num_steps)
     except ValueError as err:
-        need(False, f"--branch-early/--branch-late: {err}")
+        need(False, f"--branch_early/--branch_late: {err}")
+    need(not (args.validation_prompts and args.validation_split), "give --validation_prompts or --validation_split, not both")
+    need(not args.validation_every or args.validation_prompts or args.validation_split,
+         "--validation_every needs held-out prompts: --validation_prompts FILE or --validation_split N")
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------
-
-
-def load_prompts(path: str) -> list:
-    """Prompts with their metadata: a list of dicts with at least a non-empty 'prompt' string.
-
-    .txt: one prompt per line (blank lines skipped); .json: a list of strings or of objects with a
-    'prompt' field; .jsonl: one JSON string or object per line. Objects keep all their fields as
-    metadata (GenEval reads its tags from them). eval.py reads prompt files through this function.
-    A missing file, an empty set or a malformed entry raises ValueError saying what to fix.
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f"prompt file {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-
-    def entry(value, where):
-        if isinstance(value, str):
-            value = {"prompt": value}
-        if not isinstance(value, dict) or not isinstance(value.get("prompt"), str) or not value["prompt"].strip():
-            raise ValueError(f"{path}, {where}: expected a non-empty string or an object with a "
-                             f"non-empty 'prompt' string, got {json.dumps(value)[:120]}")
-        return value
-
-    if ext == ".txt":
-        items = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
-    elif ext == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}")
-        if not isinstance(data, list):
-            raise ValueError(f"{path} must hold a JSON list of prompts, got {type(data).__name__}")
-        items = [entry(v, f"item {i}") for i, v in enumerate(data)]
-    elif ext == ".jsonl":
-        items = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {i} is not valid JSON ({err}): {line[:120]!r}")
-            items.append(entry(value, f"line {i}"))
-    else:
-        raise ValueError(f"prompt file {path!r}: unknown extension {ext!r}; use .txt, .json or .jsonl")
-    if not items:
-        raise ValueError(f"prompt file {path!r} holds no prompts")
-    return items
-
-
-def prompt_indices(step: int, rank: int, per_process: int, world_size: int, num_prompts: int, seed: int) -> list:
-    """Indices of rank `rank`'s prompts at `step`: a pure function of its arguments.
-
-    The global stream is a fresh permutation of all prompts per epoch; step s takes the entries
-    [s B, (s + 1) B) with B = per_process x world_size, and rank r the r-th slice of per_process.
-    """
-    B = per_process * world_size
-    out = []
-    for pos in range(step * B + rank * per_process, step * B + (rank + 1) * per_process):
-        epoch, i = divmod(pos, num_prompts)
-        out.append(int(_epoch_order(seed, epoch, num_prompts)[i]))
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, num_prompts: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_prompts)
+def prompt_sets(args: Args) -> tuple[list, list]:
+    """(training prompts, validation prompts): --validation_split N holds out N prompts of --prompts
+    chosen by --seed (not the last N: a file sorted by task would hold out one task only)."""
+    items = common.load_prompts(args.prompts)
+    if args.validation_prompts:
+        return items, common.load_prompts(args.validation_prompts, "--validation_prompts")
+    if args.validation_split >= len(items):
+        raise common.InputError(f"--validation_split {args.validation_split} leaves no training prompt of the "
+                                f"{len(items)} in --prompts {args.prompts}")
+    held = set(np.random.default_rng(args.seed).permutation(len(items))[:args.validation_split].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,187 +335,61 @@ def plan_lines(args: Args, world_size: int) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A full CPU fp32 copy of a (possibly FSDP2-sharded DTensor) tensor; collective under FSDP2."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().float().cpu().clone()
-
-
-def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
-    """p <- full, for a plain tensor or an FSDP2-sharded DTensor parameter."""
-    with torch.no_grad():
-        if hasattr(p, "device_mesh"):
-            from torch.distributed.tensor import distribute_tensor
-
-            full = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements)
-        p.copy_(full.to(p.device, p.dtype))
-
-
-def peft_keys(transformer_base, names: list) -> dict:
-    """{parameter name: key in diffusers' LoRA file}, as peft's get_peft_model_state_dict renames."""
-    from peft.utils import get_peft_model_state_dict
-
-    tagged = {n: torch.tensor(float(i)) for i, n in enumerate(names)}  # identify each entry by value
-    renamed = get_peft_model_state_dict(transformer_base, state_dict=tagged, adapter_name="default")
-    if len(renamed) != len(names):
-        raise RuntimeError(f"peft kept {len(renamed)} of {len(names)} LoRA parameters when renaming")
-    return {names[int(v.item())]: k for k, v in renamed.items()}
-
-
-def lora_file_state(directory: str, keys: dict) -> dict:
-    """{parameter name: tensor} from a LoRA written by flux.save_lora (keys 'transformer.<peft key>')."""
-    from safetensors.torch import load_file
-
-    file = os.path.join(directory, "pytorch_lora_weights.safetensors")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"checkpoint is missing {file}")
-    loaded = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
-    missing = [k for k in keys.values() if k not in loaded]
-    if missing or len(loaded) != len(keys):
-        raise ValueError(f"{file} does not match this model's LoRA ({len(loaded)} tensors, expected {len(keys)}; "
-                         f"missing e.g. {missing[:3]}): different --lora-rank / model?")
-    return {name: loaded[key] for name, key in keys.items()}
-
-
-class LoraEMA:
-    """fp32 EMA of the LoRA parameters: ema <- decay ema + (1 - decay) theta (App. D: 0.9, every 8 steps).
-
-    Kept per rank on each rank's (possibly sharded) parameters, an elementwise update, so it is
-    exact under FSDP too. Used only for evaluation and saving, never for sampling.
-    """
-
-    def __init__(self, params: dict, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
-
-    @torch.no_grad()
-    def update(self, params: dict) -> None:
-        for n, p in params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
-
-
-def list_checkpoints(output_dir: str) -> list:
-    """(step, path) of the complete checkpoints in output_dir, oldest first (*.tmp are incomplete)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
-             if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return sorted(found)
-
-
-def save_checkpoint(accelerator, args, step, transformer, params, keys, ema, optimizer, scheduler,
-                    noise_gen, sched_rng, sharded_optimizer: bool) -> str:
-    """Write checkpoint-{step} atomically: all files into checkpoint-{step}.tmp, then one rename."""
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    lora_sd = {keys[n]: _full(p) for n, p in params.items()}  # collective under FSDP: every rank calls it
-    ema_sd = {keys[n]: _full(t) for n, t in ema.shadow.items()}
-    if accelerator.is_main_process:
-        flux.save_lora(transformer, os.path.join(tmp, "lora"), state_dict=lora_sd)
-        flux.save_lora(transformer, os.path.join(tmp, "ema"), state_dict=ema_sd)
-        torch.save({
-            "step": step,
-            "world_size": accelerator.num_processes,
-            "optimizer": None if sharded_optimizer else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "args": dataclasses.asdict(args),
-        }, os.path.join(tmp, "trainer_state.pt"))
-    rank_state = {
-        "noise_generator": noise_gen.get_state(),
-        "schedule_rng": sched_rng.bit_generator.state,
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "optimizer": optimizer.state_dict() if sharded_optimizer else None,
-    }
-    torch.save(rank_state, os.path.join(tmp, f"rank{accelerator.process_index}.pt"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.exists(final):  # an older run's checkpoint of the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
+def save_checkpoint(run, step: int) -> str:
+    """checkpoint-{step}: the LoRA and its EMA in diffusers' format, the optimizer and lr schedule,
+    the arguments, and each rank's RNG streams (see the module docstring)."""
+    full = {sub: {run.keys[n]: common.full_tensor(t) for n, t in tensors.items()}  # collective under FSDP
+            for sub, tensors in (("lora", run.params), ("ema", dict(zip(run.params, run.ema.shadow_params))))}
+    state = {"step": step, "world_size": run.world, "args": dataclasses.asdict(run.args), "base_fingerprint": run.fingerprint,
+             "optimizer": None if run.sharded else run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+    rank_state = {**common.rng_states(noise_generator=run.noise_gen, schedule_rng=run.sched_rng),
+                  "optimizer": run.optimizer.state_dict() if run.sharded else None}
+    path = common.save_checkpoint(run.accelerator, run.args.output_dir, step, run.base, full, state, rank_state)
+    if run.is_main:  # only once the new checkpoint is complete
+        common.prune_checkpoints(run.args.output_dir, run.args.checkpoints_total_limit)
+        run.summary["checkpoints"] = common.loadable_checkpoints(run.args.output_dir)
+        common.write_json(os.path.join(run.args.output_dir, "run_summary.json"), run.summary)
+    return path
 
 
 # Flags that do not change what a run computes: free to differ when resuming. Every other flag must
 # equal the checkpoint's (schedules, data order and tree shapes depend on them).
-OPERATIONAL_ARGS = {"model", "output_dir", "resume", "stop_after_steps", "report_to", "tracker_project", "save_every",
-                    "rollout_batch", "decode_batch", "reward_path", "geneval_url", "gradient_checkpointing"}
+OPERATIONAL_ARGS = {"config", "model", "output_dir", "resume", "stop_after_steps", "report_to", "tracker_project",
+                    "save_every", "rollout_batch", "decode_batch", "reward_path", "geneval_url", "gradient_checkpointing",
+                    "validation_every", "validation_prompts", "validation_images", "validation_steps", "take_over_lock",
+                    "checkpoints_total_limit", "reward_timeout", "reward_retries"}
 
 
-def load_checkpoint(accelerator, args, path, params, keys, ema, optimizer, scheduler, noise_gen, sched_rng,
-                    sharded_optimizer: bool) -> int:
+def load_checkpoint(run, path: str) -> int:
     """Restore everything `save_checkpoint` wrote; return the step to continue from."""
-    state_file = os.path.join(path, "trainer_state.pt")
-    if not os.path.isfile(state_file):
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no trainer_state.pt)")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
-    now = dataclasses.asdict(args)
-    changed = {k: (v, now[k]) for k, v in state["args"].items() if k not in OPERATIONAL_ARGS and k in now and v != now[k]}
+    state = common.read_checkpoint_file(os.path.join(path, "trainer_state.pt"))
+    rank_state = common.read_checkpoint_file(os.path.join(path, f"rank{run.rank}.pt"))
+    now = dataclasses.asdict(run.args)
+    # A finished run (its last checkpoint) may be extended with a larger --max_steps; the lr schedule
+    # and the branch curriculum then run to the new length from here.
+    extend = state["step"] == state["args"]["max_steps"] < run.args.max_steps
+    changed = {k: (v, now[k]) for k, v in state["args"].items()
+               if k not in OPERATIONAL_ARGS and k in now and v != now[k] and not (extend and k == "max_steps")}
     if changed:
-        raise ValueError(f"{path} belongs to a run with other settings; resuming would not continue it. "
-                         + "; ".join(f"--{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-    if state["world_size"] != accelerator.num_processes:
-        raise ValueError(f"{path} was written by {state['world_size']} processes, this run has "
-                         f"{accelerator.num_processes}: resume with the same number (each rank's noise stream is saved)")
-    for name, value in lora_file_state(os.path.join(path, "lora"), keys).items():
-        _assign(params[name], value)
-    for name, value in lora_file_state(os.path.join(path, "ema"), keys).items():
-        _assign(ema.shadow[name], value)
-    rank_state = torch.load(os.path.join(path, f"rank{accelerator.process_index}.pt"), map_location="cpu",
-                            weights_only=False)
-    optimizer.load_state_dict(rank_state["optimizer"] if sharded_optimizer else state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    noise_gen.set_state(rank_state["noise_generator"])
-    sched_rng.bit_generator.state = rank_state["schedule_rng"]
-    torch.set_rng_state(rank_state["torch"])
-    if rank_state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rank_state["cuda"])
-    np.random.set_state(rank_state["numpy"])
-    random.setstate(rank_state["python"])
-    return int(state["step"])
-
-
-def _truncate_metrics_log(file: str, step: int) -> None:
-    """Keep metrics.jsonl's rows up to `step`: the killed run's later steps are run (and logged) again."""
-    if not os.path.isfile(file):
-        return
-    with open(file) as fh:
-        rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-    with open(file + ".tmp", "w") as fh:
-        fh.writelines(rows)
-    os.replace(file + ".tmp", file)
-
-
-# ----------------------------------------------------------------------------------------------
-# Failing loudly
-# ----------------------------------------------------------------------------------------------
-
-
-def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank: int, last_ckpt) -> None:
-    """Raise if any value is NaN/inf, naming the step and the prompt(s) of the bad groups.
-
-    values: (G, ...) with the prompt (group) as the first dimension, or a scalar (all prompts).
-    """
-    bad = ~torch.isfinite(values.detach())
-    if not bad.any():
-        return
-    if values.dim() == 0:
-        culprits = prompts
+        raise common.InputError(f"{path} belongs to a run with other settings; resuming would not continue it. "
+                                + "; ".join(f"--{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    if state["base_fingerprint"] != run.fingerprint:
+        raise common.InputError(f"{path} was trained on other base weights (fingerprint {state['base_fingerprint']}) than "
+                                f"--model {run.args.model} ({run.fingerprint}): pass the model it was trained on")
+    if state["world_size"] != run.world:
+        raise common.InputError(f"{path} was written by {state['world_size']} processes, this run has {run.world}: "
+                                "resume with the same number (each rank's noise stream is saved)")
+    for sub, tensors in (("lora", run.params), ("ema", dict(zip(run.params, run.ema.shadow_params)))):
+        for name, value in common.load_lora_file(run.base, os.path.join(path, sub), run.keys).items():
+            common.assign(tensors[name], value)
+    run.optimizer.load_state_dict(rank_state["optimizer"] if run.sharded else state["optimizer"])
+    if extend:  # the longer run's schedule, stepped from its start to here
+        for _ in range(state["step"] * run.args.updates_per_rollout):
+            run.scheduler.step()
     else:
-        culprits = [p for p, b in zip(prompts, bad.reshape(len(prompts), -1).any(dim=1).tolist()) if b]
-    kept = f"the last checkpoint ({last_ckpt}) is intact" if last_ckpt else "no checkpoint was written yet"
-    raise RuntimeError(
-        f"non-finite {what} at step {step + 1} (rank {rank}) for prompt(s) {culprits!r}; the run stops and "
-        f"{kept}. Nothing is clamped: lower --lr or --max-grad-norm, or rerun with --dtype fp32 to look closer."
-    )
+        run.scheduler.load_state_dict(state["scheduler"])
+    common.set_rng_states(rank_state, noise_generator=run.noise_gen, schedule_rng=run.sched_rng)
+    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,261 +397,296 @@ def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank
 # ----------------------------------------------------------------------------------------------
 
 
-def cosine_schedule(optimizer, warmup: int, total: int):
-    """Linear warmup to the base lr, then cosine decay to 0 at `total` optimizer steps."""
-    def factor(i):
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(i - warmup, total - warmup) / max(total - warmup, 1)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def setup(args: Args, stack) -> SimpleNamespace:
+    """Accelerator, output folder, rewards, FLUX + LoRA, optimizer, schedule, RNGs, resume: the state of
+    a run. The output folder's lock is released by `stack` (a contextlib.ExitStack) however the run ends."""
+    from accelerate.utils import DistributedType, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, cast_training_params
 
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        items = load_prompts(args.prompts)  # a bad prompt file fails before any model is loaded
-    except ValueError as err:
-        raise SystemExit(f"train.py: error: {err}") from err
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available, set_seed
-    from tqdm.auto import tqdm
-
-    # accelerate silently drops a tracker whose package is missing; say so instead
-    if (args.report_to == "tensorboard" and not is_tensorboard_available()) or (
-            args.report_to == "wandb" and not is_wandb_available()):
-        raise SystemExit(f"train.py: error: --report-to {args.report_to}: the package is not installed "
-                         f"(pip install {args.report_to}), or use --report-to none")
-    accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=args.output_dir)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device, is_main = accelerator.device, accelerator.is_main_process
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-    if ddp and args.update_chunk == 0:
-        raise SystemExit("train.py: error: --update-chunk 0 puts every recomputed transition in one graph, and DDP "
-                         "cannot reduce a parameter used by several forwards of one backward: use --update-chunk >= 1")
-    if device.type == "cpu" and dtype == torch.bfloat16 and is_main:
+    items, val_items = prompt_sets(args)  # a bad prompt file fails before any model is loaded
+    acc = common.make_accelerator(args.report_to, args.output_dir)
+    run = SimpleNamespace(args=args, accelerator=acc, items=items, val_items=val_items, rank=acc.process_index,
+                          world=acc.num_processes, device=acc.device, is_main=acc.is_main_process,
+                          dtype=common.resolve_dtype(args.dtype, acc.device), last_ckpt=None, start_step=0,
+                          sharded=acc.distributed_type == DistributedType.FSDP)
+    if acc.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU) and args.update_chunk == 0:
+        raise common.InputError("--update_chunk 0 puts every recomputed transition in one graph, and DDP cannot reduce "
+                                "a parameter used by several forwards of one backward: use --update_chunk >= 1")
+    if run.device.type == "cpu" and run.dtype == torch.bfloat16 and run.is_main:
         print("note: --dtype bf16 on CPU is slow; the CPU smoke run uses fp32", flush=True)
 
-    # Output folder: refuse to mix two runs in one folder.
-    existing = list_checkpoints(args.output_dir)
-    if existing and not args.resume:
-        raise SystemExit(f"train.py: error: {args.output_dir} already holds {existing[-1][1]}: pass --resume latest "
-                         "to continue it, or a new --output-dir")
-    resume_path = None
-    if args.resume:
-        if args.resume == "latest":
-            if not existing:
-                raise SystemExit(f"train.py: error: --resume latest: no checkpoint-* in {args.output_dir}; "
-                                 "drop --resume to start a new run")
-            resume_path = existing[-1][1]
-        elif not os.path.isdir(args.resume):
-            raise SystemExit(f"train.py: error: --resume {args.resume!r} is neither 'latest' nor a checkpoint folder")
-        else:
-            resume_path = args.resume
+    def claim():  # main process; before any model loads
+        common.claim_output_dir(args.output_dir, args.take_over_lock)
+        stack.callback(common.release_output_dir, args.output_dir)
+        return common.resume_target(args.output_dir, args.resume, args.max_steps)
 
-    # Same seed on every rank: identical LoRA init (FSDP2 does not broadcast it), data order, trees.
-    set_seed(args.seed)
+    resume_path = common.on_main_process(acc, claim)
+    set_seed(args.seed)  # same seed on every rank: identical LoRA init (FSDP2 does not broadcast it), data order, trees
 
     # Rewards first: a missing reward model is found in seconds, not after loading FLUX.
-    names = [n.strip() for n in args.reward.split(",")]
-    paths = dict(item.split("=", 1) for item in args.reward_path)
-    if "geneval" in names and args.geneval_url:
+    paths = common.parse_named(args.reward_path, "--reward_path")
+    if args.geneval_url:
         paths["geneval"] = args.geneval_url
-    reward_fn = rewards.load_rewards(names, weights=args.reward_weights or None, paths=paths, device=device,
-                                     dtype=DTYPES[args.reward_dtype])
-
-    pipe = flux.load_flux(args.model, dtype=dtype, device=device)
-    base = pipe.transformer
-    flux.add_lora(base, rank=args.lora_rank, alpha=args.lora_alpha)  # fp32 LoRA, base frozen
+    run.reward_fn = rewards.load_rewards(args.reward, weights=args.reward_weights or None, paths=paths, device=run.device,
+                                         dtype=common.DTYPES[args.reward_dtype], reward_kwargs={"geneval": {
+                                             "timeout": args.reward_timeout, "retries": args.reward_retries}})
+    run.pipe = flux.load_flux(args.model, dtype=run.dtype, device=run.device)
+    run.fingerprint = common.fingerprint(run.pipe)  # of the base weights, stored with every checkpoint
+    base = run.pipe.transformer
+    flux.add_lora(base, rank=args.lora_rank, alpha=args.lora_alpha)  # LoRA on a frozen base
+    cast_training_params(base, dtype=torch.float32)  # the trainable (LoRA) weights in fp32, the base in its dtype
     if args.gradient_checkpointing:
         base.enable_gradient_checkpointing()
-    _, _, seq_len, channels = flux.latent_geometry(pipe, args.height, args.width)  # S tokens of C channels
-    sigmas = flux.flux_sigmas(pipe, args.num_steps, args.height, args.width)  # (N + 1,)
-    img_ids = flux.image_ids(pipe, args.height, args.width, device=device, dtype=dtype)  # (S, 3)
+    _, _, run.seq_len, run.channels = flux.latent_geometry(run.pipe, args.height, args.width)  # S tokens of C channels
+    run.sigmas = flux.flux_sigmas(run.pipe, args.num_steps, args.height, args.width)  # (N + 1,)
+    run.img_ids = flux.image_ids(run.pipe, args.height, args.width, device=run.device, dtype=run.dtype)  # (S, 3)
 
     trainable = [p for p in base.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    run.optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                      eps=args.adam_eps, weight_decay=args.weight_decay)
     # Not prepared: accelerate would step a prepared scheduler once per process per call.
-    scheduler = cosine_schedule(optimizer, args.lr_warmup_steps, args.max_steps * args.updates_per_rollout)
-    transformer, optimizer = accelerator.prepare(base, optimizer)
-    base = flux._unwrap(transformer)
-    params = {n: p for n, p in base.named_parameters() if p.requires_grad}  # after prepare (FSDP2 reshards)
-    keys = peft_keys(base, list(params))
-    ema = LoraEMA(params, args.ema_decay)
+    run.scheduler = get_scheduler(args.lr_scheduler, run.optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                  num_training_steps=args.max_steps * args.updates_per_rollout)
+    run.transformer, run.optimizer = acc.prepare(base, run.optimizer)
+    run.base = acc.unwrap_model(run.transformer)
+    run.params = {n: p for n, p in run.base.named_parameters() if p.requires_grad}  # after prepare (FSDP2 reshards)
+    run.keys = common.peft_keys(run.base, list(run.params))
+    # fp32 EMA of the LoRA: ema <- d ema + (1 - d) theta (App. D: d = 0.9 every 8 steps), per rank on its
+    # (possibly sharded) parameters, elementwise, so exact under FSDP. min_decay = decay and
+    # update_after_step = -1 switch off diffusers' decay warmup (ema = theta at the first update).
+    run.ema = EMAModel(list(run.params.values()), decay=args.ema_decay, min_decay=args.ema_decay, update_after_step=-1)
 
-    noise_seed = int(np.random.SeedSequence([args.seed, rank]).generate_state(1)[0])
-    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)  # a different stream per rank
-    sched_rng = np.random.default_rng(args.seed)  # the same on every rank: the tree shapes agree
-
-    start_step, last_ckpt = 0, None
+    noise_seed = int(np.random.SeedSequence([args.seed, run.rank]).generate_state(1)[0])
+    run.noise_gen = torch.Generator(device=run.device).manual_seed(noise_seed)  # a different stream per rank
+    run.sched_rng = np.random.default_rng(args.seed)  # the same on every rank: the tree shapes agree
     if resume_path:
-        start_step = load_checkpoint(accelerator, args, resume_path, params, keys, ema, optimizer, scheduler,
-                                     noise_gen, sched_rng, sharded)
-        last_ckpt = resume_path
-        if is_main:
-            print(f"resumed from {resume_path} at step {start_step}", flush=True)
-            _truncate_metrics_log(os.path.join(args.output_dir, "metrics.jsonl"), start_step)
+        run.start_step, run.last_ckpt = load_checkpoint(run, resume_path), resume_path
+        if run.is_main:
+            print(f"resumed from {resume_path} at step {run.start_step}", flush=True)
+            common.truncate_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), run.start_step)
+    return run
 
-    plan = plan_lines(args, world)
-    if is_main:
+
+def train_step(run, step: int, stop) -> dict:
+    """One iteration (steps 1-6 of the module docstring) on this rank; returns its metrics (means over
+    ranks), with "stop" > 0 if any rank received SIGTERM (`stop`, a common.StopSignal)."""
+    args = run.args
+    t_iter = time.perf_counter()
+    # 1. Branch positions (Eqs. 41-46); p = step / total steps
+    branch = tree_sampler.branch_schedule(step / args.max_steps, args.branch_early, args.branch_late, args.kappa,
+                                          args.num_steps, generator=run.sched_rng) if args.sampler == "tree" else []
+    spec = make_spec(args, branch)
+    K, G = spec.leaves_per_group, args.prompts_per_process
+    indices = common.prompt_indices(step, run.rank, G, run.world, len(run.items), args.seed)
+    batch = [run.items[i] for i in indices]
+    prompts = [b["prompt"] for b in batch]
+    cond, text_ids = flux.encode_prompts(run.pipe, prompts, args.max_sequence_length, device=run.device)
+    velocity_fn = flux.make_velocity_fn(run.transformer, text_ids, run.img_ids, guidance=args.guidance, dtype=run.dtype)
+
+    def check(what, values):
+        common.check_finite(what, values, step, prompts, run.rank, run.last_ckpt)
+
+    # 2. Rollout (Sec. 4.2): x_root drawn here so its checksum shows each rank's own noise
+    t0 = time.perf_counter()
+    x_root = torch.randn((G * spec.roots, run.seq_len, run.channels), generator=run.noise_gen, device=run.device)
+    if step == run.start_step:  # evidence for run_summary.json: each rank its own noise and prompts
+        run.summary["root_noise_checksum_per_rank"] = run.accelerator.gather(x_root.double().sum().reshape(1)).tolist()
+        idx = torch.tensor(indices, device=run.device)
+        run.summary["prompt_indices_per_rank"] = run.accelerator.gather(idx).view(run.world, G).tolist()
+    ro = tree_sampler.rollout(velocity_fn, spec, run.sigmas, cond, G, (run.seq_len, run.channels), generator=run.noise_gen,
+                              x_root=x_root, device=run.device, dtype=torch.float32,
+                              max_batch=args.rollout_batch or None, reduce=args.logprob_reduce)  # x_root (G*roots, S, C)
+    t_rollout = time.perf_counter() - t0
+    log_p = ro.traj_log_prob(args.logprob_reduce)  # (G, K), Eq. (47)
+    check("trajectory log-prob", log_p)
+    check("final latents", ro.x0.reshape(G, -1))  # (G, K*S*C)
+
+    # 3. Decode and reward; leaves are group-major: rows g*K .. g*K+K-1 belong to prompt g
+    t0 = time.perf_counter()
+    images = flux.decode(run.pipe, ro.x0, args.height, args.width, max_batch=args.decode_batch)  # (G*K, 3, H, W)
+    check("decoded images", images.reshape(G, -1))
+    t_decode, t0 = time.perf_counter() - t0, time.perf_counter()
+    try:
+        raw, R = run.reward_fn(images, [p for p in prompts for _ in range(K)], [dict(b) for b in batch for _ in range(K)],
+                               group_size=K)
+    except (FloatingPointError, rewards.RewardServerError) as err:  # rewards.py names the reward, prompt or server
+        raise RuntimeError(f"step {step + 1} (rank {run.rank}): {err}; {common.kept(run.last_ckpt)}") from err
+    R = R.float().view(G, K)  # (G*K,) -> (G, K)
+    check("reward", R)
+    t_reward = time.perf_counter() - t0
+
+    # 4. Advantage: Eq. (5) for TMPO, Eq. (28) for GRPO; beta warms up (Sec. 4.1)
+    beta = tmpo.beta_schedule(step, args.beta_start, args.beta_end, args.beta_warmup_steps)
+    R_adv = tmpo.group_zscore(R) if args.reward_zscore else R
+    if args.method == "tmpo":
+        A = tmpo.softmax_tb_advantage(log_p, R_adv, beta)  # (G, K), Eq. (5)
+    else:
+        A = tmpo.grpo_advantage(R_adv)  # (G, K), Eq. (28)
+    check("advantage", A)
+
+    # 5. Clipped importance-sampled update(s), Eqs. (6)-(7) with RatioNorm (32)
+    t0 = time.perf_counter()
+    upd = update_policy(run, velocity_fn, ro, cond, A, check)
+    t_update = time.perf_counter() - t0
+
+    # 6. EMA of the LoRA weights (App. D: decay 0.9 every 8 steps)
+    if (step + 1) % args.ema_every == 0:
+        run.ema.step(run.params.values())
+
+    local = {"reward/mean": R.mean(), "reward/std": R.std(dim=1, unbiased=False).mean(), "adv/abs_mean": A.abs().mean(),
+             "time/rollout_s": t_rollout, "time/decode_s": t_decode, "time/reward_s": t_reward, "time/update_s": t_update,
+             "train/grad_norm": upd.pop("grad_norm"), **{f"reward/{n}": raw[n].float().mean() for n in args.reward},
+             **{f"policy/{k}": upd.pop(k) for k in ("loss", "clipfrac", "approx_kl", "kl")},
+             "nonfinite_lora": upd.pop("nonfinite_lora"), "stop": float(stop.received)}
+    mean = common.mean_over_ranks(run.accelerator, local)  # every rank joins the collective
+    if mean.pop("nonfinite_lora"):  # checked before anything is saved from this state
+        check("LoRA weights after the optimizer step", torch.tensor(float("nan")))
+    return {**mean, "tree/leaves": K, "tree/nfe_rollout": ro.nfe, **{f"tree/branch_{b}": n for b, n in enumerate(branch)},
+            **upd, "train/beta": beta, "time/iter_s": time.perf_counter() - t_iter}
+
+
+def update_policy(run, velocity_fn, ro, cond, A, check) -> dict:
+    """Step 5: `updates_per_rollout` optimizer steps on the clipped loss of Eq. (6); returns the
+    means of tree_sampler.update's statistics over them, the last grad norm and lr, and the forwards."""
+    args = run.args
+    ref_fn = None
+    if args.kl_coef > 0:
+        def ref_fn(x, t, c):  # the reference = the base model: LoRA switched off, no grad
+            run.base.disable_adapters()
+            try:
+                with torch.no_grad():
+                    return velocity_fn(x, t, c)
+            finally:
+                run.base.enable_adapters()
+    nfe, nonfinite, update_stats = 0, 0, []
+    for u in range(args.updates_per_rollout):
+        run.optimizer.zero_grad(set_to_none=True)
+        # One call for all G groups: the loss is already the mean over the G*K leaves.
+        stats = tree_sampler.update(
+            velocity_fn, ro, cond, A, clip_eps=args.clip_eps, reduce=args.logprob_reduce,
+            ratio_norm=args.ratio_norm, chunk_size=args.update_chunk or None, on_policy=(u == 0),
+            kl_coef=args.kl_coef, ref_velocity_fn=ref_fn, backward=run.accelerator.backward,
+        )
+        check("loss", torch.tensor(stats["loss"]))
+        grad_norm = run.accelerator.clip_grad_norm_(list(run.params.values()), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        check("gradient norm", torch.as_tensor(grad_norm))
+        lr = run.scheduler.get_last_lr()[0]  # the lr this optimizer step uses
+        run.optimizer.step()
+        run.scheduler.step()
+        # LoRA weights finite after every optimizer step (this rank's shard; summed over ranks with the metrics)
+        nonfinite += sum(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in run.params.values())
+        nfe += stats["nfe_grad"] + stats["nfe_nograd"]
+        update_stats.append(stats)
+    return {**{k: sum(s[k] for s in update_stats) / len(update_stats) for k in ("loss", "clipfrac", "approx_kl", "kl")},
+            "grad_norm": grad_norm, "nonfinite_lora": float(nonfinite), "train/lr": lr, "tree/nfe_update": nfe}
+
+
+@torch.no_grad()
+def validate(run, step: int) -> dict:
+    """Step 7: ODE samples of the held-out prompts from the EMA weights, the same noise every time
+    (common.initial_noise: seed, prompt, image); rewards, LGMD and a grid. Every rank samples an
+    equal share (padded by repeating the last prompt: FSDP needs the same forwards on every rank)."""
+    from accelerate.utils import gather_object
+
+    args, n = run.args, run.args.validation_images
+    with run.accelerator.split_between_processes(list(range(len(run.val_items))), apply_padding=True) as mine:
+        mine = list(mine)
+    records = []
+    run.ema.store(run.params.values())  # the trained weights, put back exactly below: training continues bit-identically
+    run.ema.copy_to(run.params.values())
+    try:
+        for p in mine:
+            item = run.val_items[p]
+            _, images, latents = common.paired_samples(run.pipe, [item["prompt"]], [p], args.seed, n, args.validation_steps,
+                                                       args.guidance, args.height, args.width, args.max_sequence_length,
+                                                       args.decode_batch)  # (n, 3, H, W), (n, C, h, w)
+            raw, _ = run.reward_fn(images, [item["prompt"]] * n, [dict(item)] * n, group_size=n)
+            records.append({"index": p, "lgmd": metrics.lgmd(latents), "pixels": common.to_uint8(images),
+                            **{f"reward_{k}": float(v.float().mean()) for k, v in raw.items()}})
+    finally:
+        run.ema.restore(run.params.values())
+    records = {r["index"]: r for r in gather_object(records)}  # the padding's repeats collapse
+    if not run.is_main:
+        return {}
+    rows = [records[p] for p in range(len(run.val_items))]
+    out = {f"validation/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("index", "pixels")}
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    title = f"step {step}, EMA weights, {n} fixed noises per row: " + "; ".join(
+        f"{p}: {it['prompt']}" for p, it in enumerate(run.val_items))
+    grid = np.asarray(common.save_grid(os.path.join(folder, f"step-{step}.png"), title,
+                                       {str(p): r["pixels"] for p, r in enumerate(rows)}, 256))  # (H, W, 3)
+    common.log_image(run.accelerator, "validation/grid", grid, step)
+    return out
+
+
+def train(run, stop) -> int:
+    """The loop: steps, validation, logging, checkpoints; returns the exit status (143 after SIGTERM)."""
+    from tqdm.auto import tqdm
+
+    args, acc = run.args, run.accelerator
+    plan = plan_lines(args, run.world)
+    if run.is_main:
         print("TMPO run plan:\n  " + "\n  ".join(plan), flush=True)
-        os.makedirs(args.output_dir, exist_ok=True)
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(args).items()}
-        accelerator.init_trackers(args.tracker_project, config=config)
-    summary = {"plan": plan, "world_size": world, "args": dataclasses.asdict(args), "start_step": start_step}
-
-    def velocity_for(text_ids):
-        return flux.make_velocity_fn(transformer, text_ids, img_ids, guidance=args.guidance, dtype=dtype)
-
-    K = make_spec(args, args.branch_early).leaves_per_group
-    G = args.prompts_per_process
+        acc.init_trackers(args.tracker_project, config=config)
+    run.summary = {"plan": plan, "world_size": run.world, "args": dataclasses.asdict(args), "start_step": run.start_step,
+                   "checkpoints": common.loadable_checkpoints(args.output_dir)}
     stop_at = min(args.max_steps, args.stop_after_steps or args.max_steps)
-    bar = tqdm(range(start_step, stop_at), initial=start_step, total=args.max_steps, disable=not is_main,
-               desc="tmpo" if args.method == "tmpo" else "grpo", dynamic_ncols=True)
-    metrics = {}
+    bar = tqdm(range(run.start_step, stop_at), initial=run.start_step, total=args.max_steps, disable=not run.is_main,
+               desc=args.method, dynamic_ncols=True)
+    metrics_, stopping = {}, False
     for step in bar:
-        t_iter = time.perf_counter()
-        # 1. Branch positions (Eqs. 41-46); p = step / total steps
-        if args.sampler == "tree":
-            branch = tree_sampler.branch_schedule(step / args.max_steps, args.branch_early, args.branch_late,
-                                                  args.kappa, args.num_steps, generator=sched_rng)
-        else:
-            branch = []
-        spec = make_spec(args, branch)
-        batch = [items[i] for i in prompt_indices(step, rank, G, world, len(items), args.seed)]
-        prompts = [b["prompt"] for b in batch]
-        cond, text_ids = flux.encode_prompts(pipe, prompts, args.max_sequence_length, device=device)
-        velocity_fn = velocity_for(text_ids)
-
-        # 2. Rollout (Sec. 4.2): x_root drawn here so its checksum shows each rank's own noise
-        t0 = time.perf_counter()
-        x_root = torch.randn((G * spec.roots, seq_len, channels), generator=noise_gen, device=device)  # (G*roots, S, C)
-        if step == start_step:  # evidence for run_summary.json: each rank its own noise and prompts
-            summary["root_noise_checksum_per_rank"] = accelerator.gather(x_root.double().sum().reshape(1)).tolist()
-            idx = torch.tensor(prompt_indices(step, rank, G, world, len(items), args.seed), device=device)
-            summary["prompt_indices_per_rank"] = accelerator.gather(idx).view(world, G).tolist()
-        ro = tree_sampler.rollout(velocity_fn, spec, sigmas, cond, G, (seq_len, channels), generator=noise_gen,
-                                  x_root=x_root, device=device, dtype=torch.float32,
-                                  max_batch=args.rollout_batch or None, reduce=args.logprob_reduce)
-        t_rollout = time.perf_counter() - t0
-        log_p = ro.traj_log_prob(args.logprob_reduce)  # (G, K), Eq. (47)
-        check_finite("trajectory log-prob", log_p, step, prompts, rank, last_ckpt)
-        check_finite("final latents", ro.x0.reshape(G, -1), step, prompts, rank, last_ckpt)  # (G, K*S*C)
-
-        # 3. Decode and reward; leaves are group-major: rows g*K .. g*K+K-1 belong to prompt g
-        t0 = time.perf_counter()
-        images = flux.decode(pipe, ro.x0, args.height, args.width, max_batch=args.decode_batch)  # (G*K, 3, H, W)
-        check_finite("decoded images", images.reshape(G, -1), step, prompts, rank, last_ckpt)
-        t_decode = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        leaf_prompts = [p for p in prompts for _ in range(K)]
-        leaf_meta = [dict(b) for b in batch for _ in range(K)]
-        try:
-            raw, R = reward_fn(images, leaf_prompts, leaf_meta, group_size=K)
-        except FloatingPointError as err:  # rewards.py names the reward and the prompt
-            raise RuntimeError(f"step {step + 1} (rank {rank}): {err}. The last checkpoint ({last_ckpt}) is intact.") from err
-        R = R.float().view(G, K)  # (G*K,) -> (G, K)
-        check_finite("reward", R, step, prompts, rank, last_ckpt)
-        t_reward = time.perf_counter() - t0
-
-        # 4. Advantage: Eq. (5) for TMPO, Eq. (28) for GRPO; beta warms up (Sec. 4.1)
-        beta = tmpo.beta_schedule(step, args.beta_start, args.beta_end, args.beta_warmup_steps)
-        R_adv = tmpo.group_zscore(R) if args.reward_zscore else R
-        if args.method == "tmpo":
-            A = tmpo.softmax_tb_advantage(log_p, R_adv, beta)  # (G, K), Eq. (5)
-        else:
-            A = tmpo.grpo_advantage(R_adv)  # (G, K), Eq. (28)
-        check_finite("advantage", A, step, prompts, rank, last_ckpt)
-
-        # 5. Clipped importance-sampled update(s), Eqs. (6)-(7) with RatioNorm (32)
-        t0 = time.perf_counter()
-        ref_fn = None
-        if args.kl_coef > 0:
-            def ref_fn(x, t, c):  # the reference = the base model: LoRA switched off, no grad
-                base.disable_adapters()
-                try:
-                    with torch.no_grad():
-                        return velocity_fn(x, t, c)
-                finally:
-                    base.enable_adapters()
-        nfe_update, update_stats = 0, []
-        for u in range(args.updates_per_rollout):
-            optimizer.zero_grad(set_to_none=True)
-            # One call for all G groups: the loss is already the mean over the G*K leaves.
-            stats = tree_sampler.update(
-                velocity_fn, ro, cond, A, clip_eps=args.clip_eps, reduce=args.logprob_reduce,
-                ratio_norm=args.ratio_norm, chunk_size=args.update_chunk or None, on_policy=(u == 0),
-                kl_coef=args.kl_coef, ref_velocity_fn=ref_fn, backward=accelerator.backward,
-            )
-            check_finite("loss", torch.tensor(stats["loss"]), step, prompts, rank, last_ckpt)
-            grad_norm = accelerator.clip_grad_norm_(list(params.values()), args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            check_finite("gradient norm", torch.as_tensor(grad_norm), step, prompts, rank, last_ckpt)
-            lr = scheduler.get_last_lr()[0]  # the lr this optimizer step uses
-            optimizer.step()
-            scheduler.step()
-            nfe_update += stats["nfe_grad"] + stats["nfe_nograd"]
-            update_stats.append(stats)
-        upd = {k: sum(s[k] for s in update_stats) / len(update_stats) for k in ("loss", "clipfrac", "approx_kl", "kl")}
-        t_update = time.perf_counter() - t0
-
-        # 6. EMA of the LoRA weights (App. D: decay 0.9 every 8 steps)
-        if (step + 1) % args.ema_every == 0:
-            ema.update(params)
-
-        # Metrics: means over ranks (every rank joins the collectives)
-        per_rank = torch.tensor([
-            float(R.mean()), float(R.std(dim=1, unbiased=False).mean()), upd["loss"], upd["clipfrac"],
-            upd["approx_kl"], upd["kl"], float(A.abs().mean()), float(grad_norm),
-            t_rollout, t_decode, t_reward, t_update,
-        ] + [float(raw[n].float().mean()) for n in names], dtype=torch.float64, device=device)
-        mean = accelerator.reduce(per_rank, reduction="mean").tolist()
-        metrics = {
-            "reward/mean": mean[0], "reward/std": mean[1], "policy/loss": mean[2], "policy/clipfrac": mean[3],
-            "policy/approx_kl": mean[4], "policy/kl": mean[5], "adv/abs_mean": mean[6], "train/grad_norm": mean[7],
-            "time/rollout_s": mean[8], "time/decode_s": mean[9], "time/reward_s": mean[10], "time/update_s": mean[11],
-            **{f"reward/{n}": mean[12 + i] for i, n in enumerate(names)},
-            "tree/leaves": K, "tree/nfe_rollout": ro.nfe, "tree/nfe_update": nfe_update,
-            **{f"tree/branch_{b}": n for b, n in enumerate(branch)},
-            "train/beta": beta, "train/lr": lr,
-            "time/iter_s": time.perf_counter() - t_iter,
-        }
-        if is_main:
-            accelerator.log(metrics, step=step + 1)
+        metrics_ = train_step(run, step, stop)
+        stopping = metrics_.pop("stop") > 0  # the same decision on every rank
+        if args.validation_every and (step + 1) % args.validation_every == 0 and not stopping:
+            metrics_.update(validate(run, step + 1))
+        if run.is_main:
+            acc.log(metrics_, step=step + 1)
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps({"step": step + 1, **metrics}) + "\n")
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.4g}", loss=f"{metrics['policy/loss']:.3g}")
-
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-            last_ckpt = save_checkpoint(accelerator, args, step + 1, transformer, params, keys, ema, optimizer,
-                                        scheduler, noise_gen, sched_rng, sharded)
-        if step == start_step and is_main:
-            _write_summary(args.output_dir, summary)
-
+                fh.write(json.dumps({"step": step + 1, **metrics_}) + "\n")
+            bar.set_postfix(reward=f"{metrics_['reward/mean']:.4g}", loss=f"{metrics_['policy/loss']:.3g}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stopping:
+            run.last_ckpt = save_checkpoint(run, step + 1)
+        elif step == run.start_step and run.is_main:
+            common.write_json(os.path.join(args.output_dir, "run_summary.json"), run.summary)
+        if stopping:
+            stop_at = step + 1
+            break
     bar.close()
     # Every rank's LoRA must be identical after synchronised updates (DDP all-reduce / FSDP): record it.
-    lora_sum = sum(_full(p).double().sum() for p in params.values()).reshape(1).to(device)
-    summary["lora_checksum_per_rank"] = accelerator.gather(lora_sum).tolist()
-    if stop_at < args.max_steps:
-        if is_main:
-            print(f"stopping after step {stop_at} as asked (--stop-after-steps); resume with --resume latest", flush=True)
-    elif is_main:
-        summary.update(final_step=args.max_steps, final_metrics=metrics, final_checkpoint=last_ckpt)
-        _write_summary(args.output_dir, summary)
-        print(f"done: {last_ckpt} (load the EMA LoRA with FluxPipeline.load_lora_weights('{last_ckpt}/ema'))", flush=True)
-    accelerator.end_training()
+    lora_sum = sum(common.full_tensor(p).double().sum() for p in run.params.values()).reshape(1).to(run.device)
+    run.summary["lora_checksum_per_rank"] = acc.gather(lora_sum).tolist()
+    if run.is_main and stopping:
+        print(f"stopped by SIGTERM after step {stop_at}: {run.last_ckpt} saved; continue with --resume latest", flush=True)
+    elif run.is_main and stop_at < args.max_steps:
+        print(f"stopping after step {stop_at} as asked (--stop_after_steps); resume with --resume latest", flush=True)
+    elif run.is_main:
+        run.summary.update(final_step=args.max_steps, final_metrics=metrics_, final_checkpoint=run.last_ckpt)
+        common.write_json(os.path.join(args.output_dir, "run_summary.json"), run.summary)
+        print(f"done: {run.last_ckpt} (load the EMA LoRA with FluxPipeline.load_lora_weights('{run.last_ckpt}/ema'))",
+              flush=True)
+    return 143 if stopping else 0
 
 
-def _write_summary(output_dir: str, summary: dict) -> None:
-    path = os.path.join(output_dir, "run_summary.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(summary, fh, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        with contextlib.ExitStack() as stack:  # releases the output folder's lock, restores SIGTERM
+            stop = stack.enter_context(common.StopSignal())
+            run = setup(args, stack)
+            status = train(run, stop)
+            common.end_run(run.accelerator, run)
+            return status
+    except common.InputError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    except common.RunFinished as done:
+        print(f"train.py: {done}", flush=True)
+        return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

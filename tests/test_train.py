@@ -20,7 +20,9 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the hub
 
+import common  # noqa: E402
 import train  # noqa: E402
+from inject import ADAM_SCALES_WEIGHTS, run_script  # noqa: E402
 from tiny_flux import tiny_flux_dir  # noqa: E402, F401  (session fixture)
 from tiny_rewards import build_tiny_pickscore  # noqa: E402
 
@@ -42,7 +44,8 @@ def assets(tmp_path_factory, tiny_flux_dir):  # noqa: F811
 def _flags(assets, out, *extra):
     return ["--model", assets["flux"], "--reward-path", f"pickscore={assets['pickscore']}",
             "--prompts", assets["prompts"], "--height", "32", "--width", "32", "--max-sequence-length", "16",
-            "--lora-rank", "8", "--lora-alpha", "16", "--dtype", "fp32", "--output-dir", str(out), *extra]
+            "--lora-rank", "8", "--lora-alpha", "16", "--dtype", "fp32", "--report-to", "none", "--output-dir", str(out),
+            *extra]
 
 
 def _train(args, launcher=(sys.executable,), check=True, env=None, timeout=300):
@@ -120,7 +123,7 @@ def test_checkpoints_are_complete_ema_is_exact_and_load_in_diffusers(full_run, a
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "metrics.jsonl", "run_summary.json"]
     for step in (1, 2):
         ckpt = out / f"checkpoint-{step}"
-        assert sorted(os.listdir(ckpt)) == ["ema", "lora", "rank0.pt", "trainer_state.pt"]
+        assert sorted(os.listdir(ckpt)) == ["ema", "lora", "manifest.json", "rank0.pt", "trainer_state.pt"]
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         assert state["step"] == step and state["world_size"] == 1 and state["optimizer"]["state"]
     # EMA with decay 0.9, updated every step: B starts at 0, so ema_1 = 0.1 B_1, ema_2 = 0.9 ema_1 + 0.1 B_2.
@@ -186,13 +189,14 @@ def test_existing_output_dir_without_resume_is_refused(full_run, assets):
 
 
 def test_nonfinite_numbers_stop_the_run_and_keep_the_last_checkpoint(assets):
-    """lr 1e30 makes Adam put |B| ~ 1e30 into the LoRA after step 1: step 2's transformer overflows.
-    The run must stop there with the step and the prompt named, and checkpoint-1 must still load."""
+    """LoRA weights scaled by 1e30 after step 1 (a fault injected into AdamW's step: no valid --lr does
+    it) make step 2's transformer overflow. The run must stop there with the step and the prompt named,
+    and checkpoint-1 must still load."""
     from diffusers import FluxPipeline
 
     out = assets["root"] / "nan"
-    proc = _train(_flags(assets, out, "--max-steps", "3", "--save-every", "1", "--branch-k", "2", "--lr", "1e30"),
-                  check=False)
+    proc = run_script("train.py", _flags(assets, out, "--max-steps", "3", "--save-every", "1", "--branch-k", "2"),
+                      patch=ADAM_SCALES_WEIGHTS.format(at=1, scale=1e30))
     assert proc.returncode != 0
     err = proc.stderr
     assert "RuntimeError: non-finite" in err and "at step 2" in err, err[-3000:]
@@ -219,6 +223,45 @@ def test_flow_grpo_baseline_with_kl_to_the_lora_free_reference(assets):
     assert os.path.isfile(out / "checkpoint-1" / "lora" / LORA_FILE)
 
 
+def test_validation_samples_the_ema_weights_from_fixed_noise_and_logs_to_tensorboard(assets):
+    """--validation_every 1 on one held-out prompt: its rewards and LGMD equal FluxPipeline with the
+    checkpoint's EMA LoRA (loaded by diffusers) from the documented noise, and differ from the current
+    LoRA's; the grid is written to disk and, with the scalars, to tensorboard."""
+    from diffusers import FluxPipeline
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = assets["root"] / "validation"
+    flags = _flags(assets, out, "--max-steps", "1", "--ema-every", "1", "--lr", "0.5", "--branch-k", "2",
+                   "--validation_every", "1", "--validation_split", "1", "--validation_images", "2",
+                   "--validation_steps", "3")
+    flags[flags.index("--report-to") + 1] = "tensorboard"
+    _train(flags)
+    (row,) = _metrics(out)
+    held = PROMPTS[int(np.random.default_rng(0).permutation(3)[0])]  # --validation_split 1 with --seed 0
+    pickscore = __import__("rewards").load_reward("pickscore", assets["pickscore"])
+    seed = np.random.SeedSequence([0, 0, 0]), np.random.SeedSequence([0, 0, 1])  # (seed, validation prompt, image)
+    noise = torch.stack([torch.randn(16, 16, generator=torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0])))
+                         for s in seed])  # (2, S, C) packed
+    got = {}
+    for which in ("ema", "lora"):
+        pipe = FluxPipeline.from_pretrained(assets["flux"])
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(out / "checkpoint-1" / which))
+        call = dict(prompt=[held] * 2, num_inference_steps=3, guidance_scale=3.5, height=32, width=32, max_sequence_length=16)
+        z = pipe(latents=noise.clone(), output_type="latent", **call).images  # (2, S, C)
+        images = pipe(latents=noise.clone(), output_type="pt", **call).images  # (2, 3, H, W)
+        got[which] = (float(pickscore(images, [held] * 2).mean()),
+                      __import__("metrics").lgmd(pipe._unpack_latents(z, 32, 32, pipe.vae_scale_factor)))
+    assert row["validation/reward_pickscore"] == pytest.approx(got["ema"][0], abs=0.05)
+    assert row["validation/lgmd"] == pytest.approx(got["ema"][1], abs=1e-6)
+    assert abs(row["validation/lgmd"] - got["lora"][1]) > 1e-4  # the EMA weights were sampled, not the current ones
+    assert os.path.isfile(out / "validation" / "step-1.png")
+    tb = EventAccumulator(str(out / "tmpo"))  # {output_dir}/{tracker_project}
+    tb.Reload()
+    assert "validation/grid" in tb.Tags()["images"] and "validation/lgmd" in tb.Tags()["scalars"]
+    assert tb.Scalars("validation/lgmd")[0].value == pytest.approx(row["validation/lgmd"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes (DDP over gloo on CPU)
 # ----------------------------------------------------------------------------------------------
@@ -229,8 +272,9 @@ def test_two_process_cpu_run_draws_different_noise_and_keeps_ranks_in_sync(asset
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     # ACCELERATE_USE_CPU + --multi_gpu starts 2 gloo processes (`--cpu --num_processes 2` starts only one)
-    proc = _train(_flags(assets, out, "--branch-k", "2", "--max-steps", "2", "--save-every", "2"), launcher=launcher,
-                  env={"ACCELERATE_USE_CPU": "true"})
+    proc = _train(_flags(assets, out, "--branch-k", "2", "--max-steps", "2", "--save-every", "2", "--validation-every", "2",
+                         "--validation-split", "1", "--validation-images", "2", "--validation-steps", "2"),
+                  launcher=launcher, env={"ACCELERATE_USE_CPU": "true"})
     assert "processes (world size): 2" in proc.stdout and "1 per process x 2 = 2" in proc.stdout
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["world_size"] == 2
@@ -240,11 +284,14 @@ def test_two_process_cpu_run_draws_different_noise_and_keeps_ranks_in_sync(asset
     assert len(prompts) == 2 and prompts[0] != prompts[1]  # and got its own prompt
     lora = summary["lora_checksum_per_rank"]
     assert lora[0] == lora[1]  # gradients were all-reduced: every rank holds the same LoRA
-    assert sorted(os.listdir(out / "checkpoint-2")) == ["ema", "lora", "rank0.pt", "rank1.pt", "trainer_state.pt"]
+    assert sorted(os.listdir(out / "checkpoint-2")) == ["ema", "lora", "manifest.json", "rank0.pt", "rank1.pt", "trainer_state.pt"]
     r0 = torch.load(out / "checkpoint-2" / "rank0.pt", weights_only=False)
     r1 = torch.load(out / "checkpoint-2" / "rank1.pt", weights_only=False)
     assert not torch.equal(r0["noise_generator"], r1["noise_generator"])
     assert r0["schedule_rng"] == r1["schedule_rng"]  # the tree shapes agree across ranks
+    # one held-out prompt, padded to both ranks (FSDP needs the same forwards everywhere), counted once
+    assert all(np.isfinite(_metrics(out)[-1][k]) for k in ("validation/reward_pickscore", "validation/lgmd"))
+    assert os.path.isfile(out / "validation" / "step-2.png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +308,7 @@ def test_bad_input_gives_a_clear_error(assets, case, tmp_path):
         flags[flags.index("--prompts") + 1] = str(bad)
         expect = "line 2 is not valid JSON"
     elif case == "unknown_reward":
-        flags += ["--reward", "pickscore,nope"]
+        flags += ["--reward", "pickscore", "nope"]
         expect = "unknown reward(s) ['nope']"
     elif case == "missing_reward_weights":
         flags[flags.index("--reward-path") + 1] = f"pickscore={tmp_path / 'no_such_pickscore'}"
@@ -281,29 +328,32 @@ def test_prompt_files_in_every_format(tmp_path):
     (tmp_path / "o.json").write_text(json.dumps(objs))
     (tmp_path / "o.jsonl").write_text("\n".join(json.dumps(o) for o in objs) + "\n\n")
     for name in ("p.txt", "s.json", "o.json", "o.jsonl"):
-        assert [d["prompt"] for d in train.load_prompts(str(tmp_path / name))] == ["a cat", "a dog"], name
-    assert train.load_prompts(str(tmp_path / "o.jsonl"))[1]["tag"] == "colors"  # metadata kept (GenEval)
+        assert [d["prompt"] for d in common.load_prompts(str(tmp_path / name))] == ["a cat", "a dog"], name
+    assert common.load_prompts(str(tmp_path / "o.jsonl"))[1]["tag"] == "colors"  # metadata kept (GenEval)
     bad = {"e.txt": ("\n \n", "holds no prompts"), "x.json": ('{"prompt": "a"}', "must hold a JSON list"),
            "n.json": ('["a", {"text": "b"}]', "item 1"), "q.csv": ("a,b", "unknown extension"),
-           "missing.txt": (None, "does not exist")}
+           "missing.txt": (None, "does not exist"), "b.txt": ("a cat\x00\x01", "NUL bytes")}
     for name, (text, expect) in bad.items():
         if text is not None:
             (tmp_path / name).write_text(text)
-        with pytest.raises(ValueError, match=expect):
-            train.load_prompts(str(tmp_path / name))
+        with pytest.raises(common.InputError, match=expect):
+            common.load_prompts(str(tmp_path / name))
+    (tmp_path / "latin1.txt").write_bytes("a caf\xe9".encode("latin-1"))
+    with pytest.raises(common.InputError, match="is not UTF-8 text"):
+        common.load_prompts(str(tmp_path / "latin1.txt"))
 
 
 def test_prompts_are_split_across_ranks_and_cover_each_epoch():
     n, G, world, seed = 10, 2, 3, 7
     seen = []
     for step in range(5):  # 5 steps x 6 prompts = 30 = 3 epochs of 10
-        per_rank = [train.prompt_indices(step, r, G, world, n, seed) for r in range(world)]
+        per_rank = [common.prompt_indices(step, r, G, world, n, seed) for r in range(world)]
         assert all(len(p) == G for p in per_rank)
         seen += [i for p in per_rank for i in p]
     for epoch in range(3):
         assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))  # every prompt once per epoch
     assert seen[:n] != seen[n:2 * n]  # reshuffled each epoch
-    assert train.prompt_indices(3, 1, G, world, n, seed) == train.prompt_indices(3, 1, G, world, n, seed)
+    assert common.prompt_indices(3, 1, G, world, n, seed) == common.prompt_indices(3, 1, G, world, n, seed)
 
 
 def test_defaults_are_the_papers_pickscore_protocol_and_every_flag_is_documented():
@@ -312,18 +362,48 @@ def test_defaults_are_the_papers_pickscore_protocol_and_every_flag_is_documented
     assert (args.height, args.width, args.kappa, args.clip_eps, args.lr, args.max_grad_norm) == (512, 512, 6, 0.2, 5e-5, 0.3)
     assert (args.weight_decay, args.max_steps, args.ema_decay, args.ema_every) == (1e-4, 500, 0.9, 8)
     assert (args.beta_start, args.beta_end, args.beta_warmup_steps, args.kl_coef) == (0.8, 2.0, 150, 0.0)
-    assert args.branch_early == (0, 2, 3) and args.branch_late == (0, 3, 4) and args.prompts_per_process == 1
+    assert args.branch_early == [0, 2, 3] and args.branch_late == [0, 3, 4] and args.prompts_per_process == 1
+    assert args.lr_scheduler == "cosine" and args.report_to == "tensorboard" and args.reward == ["pickscore"]
     early, late = train.make_spec(args, args.branch_early), train.make_spec(args, args.branch_late)
     assert (early.roots, early.fanout, early.leaves_per_group) == (3, {2: 3, 3: 3}, 27)
     assert (late.roots, late.fanout) == (3, {3: 3, 4: 3})
     indep = train.make_spec(train.parse_args(["--prompts", "p", "--sampler", "independent"]), [])
     assert (indep.roots, indep.fanout) == (27, {n: 1 for n in range(5)})
-    helps = {a.dest: a.help for a in train.build_parser()._actions if a.dest != "help"}
-    assert set(helps) == {f.name for f in train.dataclasses.fields(train.Args)} and all(helps.values())
-    flipped = train.parse_args(["--prompts", "p", "--no-reward-zscore", "--branch-early", "1,2,3", "--reward-path", "hps=/x",
-                                "--reward", "pickscore,hps", "--reward-path", "pickscore=/y"])
-    assert not flipped.reward_zscore and flipped.branch_early == (1, 2, 3) and flipped.reward_path == ["hps=/x", "pickscore=/y"]
-    for bad, expect in ((["--branch-late", "0,3,5"], "must lie in 0..4"), (["--clip-eps", "1.5"], "clip-eps"),
+    assert all(f.metadata.get("help") for f in train.dataclasses.fields(train.Args))  # every flag documented
+    assert {**train.RANGES, **common.FLUX_RANGES}.keys() == {f.name for f in train.dataclasses.fields(train.Args) if f.type in (int, float)}
+    # --flag_name, --flag-name and the diffusers spellings; booleans as eval.py's (HfArgumentParser)
+    for spelling in (["--max_steps", "7", "--lr", "1e-4", "--model", "m", "--output_dir", "o", "--resume", "latest"],
+                     ["--max-steps", "7", "--lr", "1e-4", "--model", "m", "--output-dir", "o", "--resume", "latest"],
+                     ["--max_train_steps", "7", "--learning_rate", "1e-4", "--pretrained_model_name_or_path", "m",
+                      "--output_dir", "o", "--resume_from_checkpoint", "latest"]):
+        a = train.parse_args(["--prompts", "p", *spelling])
+        assert (a.max_steps, a.lr, a.model, a.output_dir, a.resume) == (7, 1e-4, "m", "o", "latest")
+    flipped = train.parse_args(["--prompts", "p", "--no-reward-zscore", "--branch-early", "1", "2", "3", "--reward-path",
+                                "hps=/x", "--reward", "pickscore", "hps", "--reward-path", "pickscore=/y",
+                                "--gradient_checkpointing", "--ratio_norm", "false"])
+    assert not flipped.reward_zscore and flipped.branch_early == [1, 2, 3] and flipped.reward_path == ["hps=/x", "pickscore=/y"]
+    assert flipped.gradient_checkpointing and not flipped.ratio_norm
+    for bad, expect in ((["--branch-late", "0", "3", "5"], "must lie in 0..4"), (["--clip-eps", "1.5"], "--clip_eps must be in"),
                         (["--reward-path", "hps=/x"], "not in --reward")):
-        with pytest.raises(SystemExit, match=expect):
+        with pytest.raises(common.InputError, match=expect):
             train.parse_args(["--prompts", "p", *bad])
+    for bad in (["--max-st", "3"], ["--lr", "abc"], ["--method", "ppo"]):  # no abbreviations; types and choices checked
+        with pytest.raises(SystemExit):
+            train.parse_args(["--prompts", "p", *bad])
+
+
+def test_config_presets_are_read_and_the_command_line_overrides_them(tmp_path):
+    presets = {name: train.parse_args(["--prompts", "p", "--config", os.path.join(ROOT, "configs", f"{name}.yaml")])
+               for name in ("pickscore", "geneval", "ocr", "multi_reward")}
+    p, g, o, j = (presets[k] for k in ("pickscore", "geneval", "ocr", "multi_reward"))
+    assert (p.reward, p.lr, p.max_grad_norm, p.max_steps, p.beta_warmup_steps) == (["pickscore"], 5e-5, 0.3, 500, 150)
+    assert (g.reward, g.lr, g.max_grad_norm, g.max_steps, g.beta_warmup_steps) == (["geneval"], 3e-5, 0.5, 1000, 150)
+    assert (o.reward, o.lr, o.max_grad_norm, o.max_steps, o.beta_warmup_steps) == (["ocr"], 3e-5, 0.5, 250, 100)
+    assert (j.reward, j.reward_weights, j.lr, j.max_grad_norm, j.max_steps) == (["hps", "imagereward", "pickscore"],
+                                                                               [1.0, 1.0, 1.0], 3e-5, 0.5, 500)
+    over = train.parse_args(["--config", os.path.join(ROOT, "configs", "ocr.yaml"), "--prompts", "p", "--lr", "1e-5",
+                             "--max_train_steps", "9"])
+    assert (over.lr, over.max_steps, over.reward, over.beta_warmup_steps) == (1e-5, 9, ["ocr"], 100)
+    (tmp_path / "bad.yaml").write_text("lr: 3e-5\nlearning_rat: 1\n")
+    with pytest.raises(common.InputError, match=r"unknown key\(s\) \['learning_rat'\]"):
+        train.parse_args(["--prompts", "p", "--config", str(tmp_path / "bad.yaml")])
