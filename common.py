@@ -45,6 +45,11 @@ class InputError(ValueError):
     train.py and eval.py print it as `prog: error: ...` and exit with status 2 (as argparse does)."""
 
 
+class RunError(RuntimeError):
+    """The run cannot go on (a non-finite number, a reward server that fails): printed as
+    `prog: error: ...` with exit status 1; checkpoints already written stay intact."""
+
+
 class RunFinished(Exception):
     """`--resume` of a run that already reached --max_steps: nothing to do (exit status 0)."""
 
@@ -265,7 +270,7 @@ def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank
         culprits = prompts
     else:
         culprits = [p for p, b in zip(prompts, bad.reshape(len(prompts), -1).any(dim=1).tolist()) if b]
-    raise RuntimeError(
+    raise RunError(
         f"non-finite {what} at step {step + 1} (rank {rank}) for prompt(s) {culprits!r}; the run stops and "
         f"{kept(last_ckpt)}. Nothing is clamped: lower --lr or --max_grad_norm, or rerun with --dtype fp32 to look closer."
     )

@@ -382,7 +382,7 @@ def load_imagereward(path=None, device="cpu", dtype=torch.float32, batch_size: i
 GENEVAL_TIMEOUT = 120.0  # s per request: the reward server's own gunicorn worker timeout (reward-server)
 GENEVAL_RETRIES = 3  # retries after the first attempt (connection errors, timeouts, HTTP 5xx)
 GENEVAL_DEADLINE = 600.0  # s for one whole call (all its batches and retries)
-CONNECT_TIMEOUT = 10.0  # s for the reachability check: a listening server accepts within milliseconds
+CONNECT_TIMEOUT = 10.0  # s at most for the reachability check: a live server answers a GET within milliseconds
 SERVER_HINT = ("Start Flow-GRPO's GenEval reward server (reward-server/app_geneval.py) there, "
                "or pass its address (--geneval-url).")
 
@@ -409,8 +409,9 @@ class GenEvalClient:
     Failure bounds: each request waits at most `timeout` s for the server (connect, and between
     bytes of the reply); connection errors, timeouts and HTTP 5xx are retried `retries` times with
     exponential backoff (backoff, 2 backoff, 4 backoff, ...); one call (all its batches) gives up
-    after `deadline` s. Construction checks that something accepts connections at `url` (a TCP
-    connect, so it is fast and does not wait on a busy server), so train.py fails before FLUX loads.
+    after `deadline` s. Construction checks that the server answers at all (an HTTP GET within
+    `timeout`, at most CONNECT_TIMEOUT), so train.py fails before FLUX loads, also on a server that
+    accepts connections and never replies.
     Every failure is a RewardServerError naming the URL and the last thing that came back.
 
     SECURITY: the reply is unpickled, and unpickling runs whatever code the sender chose. Only
@@ -432,21 +433,26 @@ class GenEvalClient:
         self.check_reachable()
 
     def check_reachable(self) -> None:
-        """Open (and close) a TCP connection to the server: fails fast, naming the URL."""
-        import socket
+        """Ask the server for anything (an HTTP GET) within `timeout`: fails fast, naming the URL.
+
+        Any HTTP answer counts (the scorer only serves POST, so 405/501 is the usual one); what fails
+        is no answer: nothing listening, or a server that accepts the connection and never replies.
+        """
+        import requests
         from urllib.parse import urlsplit
 
         u = urlsplit(self.url)
         try:
-            port = u.port or (443 if u.scheme == "https" else 80)
+            ok = u.scheme in ("http", "https") and bool(u.hostname) and u.port is not None
         except ValueError:  # a port that is not a number
-            port = None
-        if u.scheme not in ("http", "https") or not u.hostname or port is None:
+            ok = False
+        if not ok:
             raise ValueError(f"GenEval server URL must look like http://HOST:PORT; got {self.url!r}")
         try:
-            socket.create_connection((u.hostname, port), timeout=min(self.timeout, CONNECT_TIMEOUT)).close()
-        except OSError as e:
-            raise RewardServerError(f"GenEval server at {self.url} is not reachable ({type(e).__name__}: {e}). "
+            requests.get(self.url, timeout=min(self.timeout, CONNECT_TIMEOUT)).close()
+        except requests.RequestException as e:
+            raise RewardServerError(f"GenEval server at {self.url} is not reachable or does not answer within "
+                                    f"{min(self.timeout, CONNECT_TIMEOUT):g} s ({type(e).__name__}: {str(e)[:200]}). "
                                     f"{SERVER_HINT}") from e
 
     def _post(self, body: bytes, give_up_at: float) -> bytes:

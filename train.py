@@ -1,7 +1,7 @@
 r"""Train FLUX.1-dev with TMPO (or the Flow-GRPO / tree-GRPO baselines) under accelerate.
 
 Paper: Li et al. 2026, "Trajectory Matching Policy Optimization", Sec. 4 and App. D (setup).
-Equation numbers are those of ../shared/paper/EQUATIONS.md. The math lives in two files this
+Equation numbers are those of EQUATIONS.md. The math lives in two files this
 script only calls: tmpo.py (advantage Eq. 5 / 28, clipped loss Eq. 6, beta warmup) and
 tree_sampler.py (the tree rollout of Sec. 4.2, branch curriculum Eqs. 41-46, the importance-sampled
 update Eqs. 7, 30-32). flux.py turns FLUX into a velocity function, rewards.py scores images,
@@ -10,11 +10,15 @@ common.py holds the plumbing shared with eval.py (flags, prompt files, the ODE s
 One iteration ("step"), per process, for `prompts_per_process` prompts (G):
   1. branch positions from the curriculum (Eqs. 41-46; the same tree shape on every rank);
   2. tree rollout (Sec. 4.2): K = k^L leaves per prompt (27 = 3 roots x 3 x 3), no grad;
-  3. VAE decode, reward R (N = G K images), optionally z-scored within each group;
-  4. advantage: TMPO A = log softmax(beta R) - log softmax(log P(tau)) (Eq. 5), or GRPO's
-     z-scored reward (Eq. 28);
-  5. `updates_per_rollout` clipped IS updates (Eqs. 6-7), AdamW, grad-norm clip, lr schedule
-     (diffusers' get_scheduler, cosine by default);
+  3. VAE decode, reward R (N = G K images), z-scored within each group;
+  4. advantage: TMPO A = log q - log softmax(log P(tau)) (Eq. 5) with the paper's Boltzmann target
+     log q = log softmax(beta R) or, with --target tilted, the reward-tilted target
+     log q = log softmax(beta R / lambda + log P_ref) (times lambda; P_ref = the base model, LoRA off,
+     scored in the rollout at one extra forward per SDE parent; EQUATIONS.md); or GRPO's z-scored
+     reward (Eq. 28);
+  5. `updates_per_rollout` clipped IS updates (Eqs. 6-7; by default with the dual clip c = 3 on the
+     A < 0 branch, which keeps the loss and its gradient finite, --dual_clip 0 = Eq. 6 exactly),
+     AdamW, grad-norm clip, lr schedule (diffusers' get_scheduler, cosine by default);
   6. every `ema_every` steps the EMA of the LoRA weights (used for validation and saving);
   7. every `validation_every` steps: ODE samples of held-out prompts from the EMA weights and
      fixed noise, scored (rewards, LGMD) and drawn as a grid: reward hacking shows in images first.
@@ -60,10 +64,19 @@ close to uniform and the TMPO advantage is close to log softmax(beta R) + log K.
 log-density (Eq. 48); the importance ratio uses the same reduction (with "mean", its RatioNorm
 correction is divided by D too; tree_sampler.update).
 
-Rewards: `--reward_zscore` (default on, as the released configs) z-scores the reward within each
-group before the advantage, so beta acts on standardized rewards. Several rewards
-(`--reward pickscore hps --reward_weights 1 1`) are each z-scored within the group and summed with
-the weights first (App. D.2, rewards.MultiReward).
+Rewards: `--reward_zscore` (default on, as the released configs) z-scores a single reward within
+each group before the advantage, so beta acts on standardized rewards. Several rewards
+(`--reward pickscore hps --reward_weights 1 1`, weights normalised to sum to 1) are each z-scored
+within the group and summed with the weights (App. D.2, rewards.aggregate_rewards); that sum is used
+as it is, as in the release (a second z-score would sharpen beta by 1 / std of the sum).
+
+Targets (`--target`): "boltzmann" is the paper's q = softmax(beta R). Its on-policy expected gradient
+is beta E[R grad log P], reward maximisation (tmpo.softmax_tb_advantage); in the 2-D toy it collapses
+like GRPO. "tilted" puts the base in the target, q* ~ P_ref exp(beta R / lambda), whose expected
+gradient is grad [beta E R - lambda KL(P_theta || P_ref)] (the KL over the SDE transitions) and whose
+optimum is the base tilted by the reward. --tilt_weight is lambda: under --logprob_reduce mean the
+log-ratio is per dimension, so lambda = 1 weighs the trajectory KL by 1 / D (65536 at 512^2) and the
+optimum is P_ref exp(beta D R) in nats; use --logprob_reduce sum for the tilt as written.
 
 Distributed: each rank draws its own noise (a torch.Generator seeded from (seed, rank); the released
 code used one seed on every rank, so every GPU drew the same noise); the branch positions come from
@@ -109,6 +122,8 @@ Metrics (accelerate trackers, `--report_to`, and metrics.jsonl; means over all r
                        update: the parameters are the rollout's, so rho = 1 and no forward is spent on it)
     policy/approx_kl   0.5 mean (log rho)^2: how far earlier updates of this rollout moved the policy
     policy/kl          KL to the reference (LoRA disabled), summed along paths, mean over leaves
+    policy/ref_log_ratio  --target tilted: mean of log P - log P_ref over the leaves, an estimate of
+                       KL(P_theta || P_ref) on the SDE transitions (in --logprob_reduce units)
     adv/abs_mean       mean |A| (TMPO: Eq. 5; GRPO: Eq. 28)
     tree/leaves        leaves per prompt K
     tree/nfe_rollout   transformer evaluations of one rollout, per process (node-steps)
@@ -172,16 +187,22 @@ class Args(common.FluxArgs):
     decode_batch: int = HfArg(default=8, help="images per VAE decode call (bounds decode memory)")
     # reward and advantage (Sec. 4.1, App. D.2)
     reward: list[str] = HfArg(default_factory=lambda: ["pickscore"], help=f"reward model(s), from {', '.join(rewards.REWARDS)}")
-    reward_weights: list[float] = HfArg(default_factory=list, help="weights w_m of several rewards (App. D.2; default all 1)")
+    reward_weights: list[float] = HfArg(default_factory=list, help="weights w_m of several rewards (App. D.2; normalised to sum 1; default equal)")
     reward_path: list[str] = HfArg(default_factory=list, metadata={"action": "extend"}, help="NAME=PATH: weights (or hub id) of reward NAME; repeatable")
     reward_dtype: Literal["fp32", "bf16"] = HfArg(default="fp32", help="reward models' dtype")
-    reward_zscore: bool = HfArg(default=True, help="z-score R within each prompt's group before the advantage (released configs)")
+    reward_zscore: bool = HfArg(default=True, help="z-score a single reward within each prompt's group (released configs); several are z-scored and summed already")
     beta_start: float = HfArg(default=0.8, help="beta_0: reward temperature at step 0 (Sec. 4.1; released: 0.8)")
     beta_end: float = HfArg(default=2.0, help="beta_1: reward temperature after warmup (released: 2.0)")
     beta_warmup_steps: int = HfArg(default=150, help="W: steps of linear beta warmup (released: 150; 100 for OCR)")
     logprob_reduce: Literal["mean", "sum"] = HfArg(default="mean", help="mean (per-dimension, Eq. 49, the paper) | sum (log-density, Eq. 48)")
+    target: Literal["boltzmann", "tilted"] = HfArg(default="boltzmann", help="TMPO's target: boltzmann softmax(beta R) (Eq. 5, as "
+                                                   "published) | tilted P_ref exp(beta R / lambda), the base (LoRA off) in the target")
+    tilt_weight: float = HfArg(default=1.0, help="lambda: weight of log P_ref - log P in the tilted advantage; optimum "
+                                                 "P_ref exp(beta R / lambda) (per dimension under --logprob_reduce mean: KL / D)")
     # update (Eqs. 6-7, 30-32)
     clip_eps: float = HfArg(default=0.2, help="epsilon: IS ratio clip range (Eq. 6; App. D: 0.2)")
+    dual_clip: float = HfArg(default=tmpo.DUAL_CLIP, help="c: cap on rho of leaves with A < 0 (dual-clip PPO, Ye et al. 2020; "
+                                                          "not in the paper; every method); 0 = Eq. (6) exactly")
     ratio_norm: bool = HfArg(default=True, help="RatioNorm bias correction of the IS ratio (Eq. 32)")
     kl_coef: float = HfArg(default=0.0, help="weight of the KL to the reference model (LoRA disabled); 0 for TMPO as released")
     updates_per_rollout: int = HfArg(default=1, help="optimizer steps per rollout (the first is exactly on-policy)")
@@ -225,7 +246,7 @@ RANGES = {
     "lora_rank": "[1, inf)", "lora_alpha": "(0, inf)", "prompts_per_process": "[1, inf)", "num_steps": "[2, inf)",
     "branch_k": "[1, inf)", "kappa": "(0, inf]", "eta": "(0, 1]", "rollout_batch": "[0, inf)", "decode_batch": "[1, inf)",
     "beta_start": "[0, inf)", "beta_end": "[0, inf)", "beta_warmup_steps": "[0, inf)", "clip_eps": "(0, 1)",
-    "kl_coef": "[0, inf)", "updates_per_rollout": "[1, inf)", "update_chunk": "[0, inf)", "lr": "(0, 1)",
+    "kl_coef": "[0, inf)", "tilt_weight": "(0, inf)", "dual_clip": "[0, inf)", "updates_per_rollout": "[1, inf)", "update_chunk": "[0, inf)", "lr": "(0, 1)",
     "lr_warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
     "adam_eps": "(0, inf)", "max_grad_norm": "(0, inf)", "max_steps": "[1, inf)", "ema_decay": "[0, 1)",
     "ema_every": "[1, inf)", "validation_every": "[0, inf)", "validation_split": "[0, inf)",
@@ -265,6 +286,9 @@ def check_args(args: Args) -> None:
         tree_sampler.branch_schedule(0.0, args.branch_early, args.branch_late, float("inf"), args.num_steps)
     except ValueError as err:
         need(False, f"--branch_early/--branch_late: {err}")
+    need(args.target == "boltzmann" or args.method == "tmpo", "--target tilted is TMPO's target: use it with --method tmpo")
+    need(args.dual_clip == 0 or args.dual_clip > 1 + args.clip_eps,
+         f"--dual_clip {args.dual_clip}: must be 0 (Eq. 6 exactly) or > 1 + --clip_eps = {1 + args.clip_eps}")
     need(not (args.validation_prompts and args.validation_split), "give --validation_prompts or --validation_split, not both")
     need(not args.validation_every or args.validation_prompts or args.validation_split,
          "--validation_every needs held-out prompts: --validation_prompts FILE or --validation_split N")
@@ -300,14 +324,17 @@ def make_spec(args: Args, branch_steps) -> tree_sampler.TreeSpec:
 def plan_lines(args: Args, world_size: int) -> list:
     """What the run will do, in numbers (printed at start, stored in run_summary.json)."""
     early, late = make_spec(args, args.branch_early), make_spec(args, args.branch_late)
-    G, K = args.prompts_per_process, early.leaves_per_group
+    G, K, ref = args.prompts_per_process, early.leaves_per_group, args.target == "tilted"
     if args.sampler == "tree":
         shape = (f"tree: {early.roots} root(s), k = {args.branch_k} at SDE steps; branch positions "
                  f"{list(args.branch_early)} -> {list(args.branch_late)} (kappa {args.kappa})")
-        rollout = f"{early.rollout_nfe(G)} (early tree) .. {late.rollout_nfe(G)} (late tree)"
+        rollout = f"{early.rollout_nfe(G, ref)} (early tree) .. {late.rollout_nfe(G, ref)} (late tree)"
     else:
         shape = f"independent: {K} trajectories, SDE at steps {sorted(early.fanout)}"
-        rollout = f"{early.rollout_nfe(G)}"
+        rollout = f"{early.rollout_nfe(G, ref)}"
+    if ref:
+        rollout += (f", of which {early.rollout_nfe(G, True) - early.rollout_nfe(G)} reference forwards without grad "
+                    "(LoRA off: log P_ref of every leaf, --target tilted)")
     per_update = early.update_nfe(G)  # forwards with grad: one per unique parent of each SDE step
     extra = []
     if args.updates_per_rollout > 1 and args.update_chunk > 0:
@@ -315,7 +342,7 @@ def plan_lines(args: Args, world_size: int) -> list:
     if args.kl_coef > 0:
         extra.append(f"{per_update} reference forwards without grad per update (KL)")
     return [
-        f"method {args.method}, sampler {shape}",
+        f"method {args.method}" + (f" (target {args.target})" if args.method == "tmpo" else "") + f", sampler {shape}",
         f"processes (world size): {world_size}",
         f"prompts per step: {G} per process x {world_size} = {G * world_size}",
         f"leaves (images) per prompt: K = {K}; images per step: {G * K * world_size} ({G * K} per process)",
@@ -494,9 +521,10 @@ def train_step(run, step: int, stop) -> dict:
         run.summary["root_noise_checksum_per_rank"] = run.accelerator.gather(x_root.double().sum().reshape(1)).tolist()
         idx = torch.tensor(indices, device=run.device)
         run.summary["prompt_indices_per_rank"] = run.accelerator.gather(idx).view(run.world, G).tolist()
+    ref_fn = reference_velocity(run, velocity_fn) if args.target == "tilted" or args.kl_coef > 0 else None
     ro = tree_sampler.rollout(velocity_fn, spec, run.sigmas, cond, G, (run.seq_len, run.channels), generator=run.noise_gen,
-                              x_root=x_root, device=run.device, dtype=torch.float32,
-                              max_batch=args.rollout_batch or None, reduce=args.logprob_reduce)  # x_root (G*roots, S, C)
+                              x_root=x_root, device=run.device, dtype=torch.float32, max_batch=args.rollout_batch or None,
+                              reduce=args.logprob_reduce, ref_velocity_fn=ref_fn if args.target == "tilted" else None)
     t_rollout = time.perf_counter() - t0
     log_p = ro.traj_log_prob(args.logprob_reduce)  # (G, K), Eq. (47)
     check("trajectory log-prob", log_p)
@@ -511,23 +539,31 @@ def train_step(run, step: int, stop) -> dict:
         raw, R = run.reward_fn(images, [p for p in prompts for _ in range(K)], [dict(b) for b in batch for _ in range(K)],
                                group_size=K)
     except (FloatingPointError, rewards.RewardServerError) as err:  # rewards.py names the reward, prompt or server
-        raise RuntimeError(f"step {step + 1} (rank {run.rank}): {err}; {common.kept(run.last_ckpt)}") from err
+        raise common.RunError(f"step {step + 1} (rank {run.rank}): {err}; {common.kept(run.last_ckpt)}") from err
     R = R.float().view(G, K)  # (G*K,) -> (G, K)
     check("reward", R)
     t_reward = time.perf_counter() - t0
 
-    # 4. Advantage: Eq. (5) for TMPO, Eq. (28) for GRPO; beta warms up (Sec. 4.1)
+    # 4. Advantage: Eq. (5) for TMPO (or its reward-tilted target), Eq. (28) for GRPO; beta warms up
+    # (Sec. 4.1). Several rewards arrive already z-scored and summed (rewards.aggregate_rewards, App. D.2):
+    # a second z-score would sharpen beta by 1 / std(sum) (1.73x for three rewards); the release has none.
     beta = tmpo.beta_schedule(step, args.beta_start, args.beta_end, args.beta_warmup_steps)
-    R_adv = tmpo.group_zscore(R) if args.reward_zscore else R
-    if args.method == "tmpo":
-        A = tmpo.softmax_tb_advantage(log_p, R_adv, beta)  # (G, K), Eq. (5)
-    else:
+    R_adv = tmpo.group_zscore(R) if args.reward_zscore and not run.reward_fn.standardized else R
+    extra = {}
+    if args.method == "grpo":
         A = tmpo.grpo_advantage(R_adv)  # (G, K), Eq. (28)
+    elif args.target == "tilted":  # A = beta R + lambda (log P_ref - log P) + const: lambda * A(beta / lambda)
+        ref_log_p = ro.traj_log_prob(args.logprob_reduce, reference=True)  # (G, K)
+        check("reference log-prob", ref_log_p)
+        A = args.tilt_weight * tmpo.softmax_tb_advantage(log_p, R_adv, beta / args.tilt_weight, ref_log_probs=ref_log_p)
+        extra["policy/ref_log_ratio"] = (log_p - ref_log_p).mean()  # estimates KL(P_theta || P_ref) over the SDE steps
+    else:
+        A = tmpo.softmax_tb_advantage(log_p, R_adv, beta)  # (G, K), Eq. (5)
     check("advantage", A)
 
     # 5. Clipped importance-sampled update(s), Eqs. (6)-(7) with RatioNorm (32)
     t0 = time.perf_counter()
-    upd = update_policy(run, velocity_fn, ro, cond, A, check)
+    upd = update_policy(run, velocity_fn, ro, cond, A, check, ref_fn)
     t_update = time.perf_counter() - t0
 
     # 6. EMA of the LoRA weights (App. D: decay 0.9 every 8 steps)
@@ -538,7 +574,7 @@ def train_step(run, step: int, stop) -> dict:
              "time/rollout_s": t_rollout, "time/decode_s": t_decode, "time/reward_s": t_reward, "time/update_s": t_update,
              "train/grad_norm": upd.pop("grad_norm"), **{f"reward/{n}": raw[n].float().mean() for n in args.reward},
              **{f"policy/{k}": upd.pop(k) for k in ("loss", "clipfrac", "approx_kl", "kl")},
-             "nonfinite_lora": upd.pop("nonfinite_lora"), "stop": float(stop.received)}
+             "nonfinite_lora": upd.pop("nonfinite_lora"), "stop": float(stop.received), **extra}
     mean = common.mean_over_ranks(run.accelerator, local)  # every rank joins the collective
     if mean.pop("nonfinite_lora"):  # checked before anything is saved from this state
         check("LoRA weights after the optimizer step", torch.tensor(float("nan")))
@@ -546,27 +582,31 @@ def train_step(run, step: int, stop) -> dict:
             **upd, "train/beta": beta, "time/iter_s": time.perf_counter() - t_iter}
 
 
-def update_policy(run, velocity_fn, ro, cond, A, check) -> dict:
+def reference_velocity(run, velocity_fn):
+    """The reference P_ref = the base model: the same velocity function with the LoRA switched off, no grad
+    (for --target tilted in the rollout, and for the KL of --kl_coef in the update)."""
+    def ref_fn(x, t, c):
+        run.base.disable_adapters()
+        try:
+            with torch.no_grad():
+                return velocity_fn(x, t, c)
+        finally:
+            run.base.enable_adapters()
+    return ref_fn
+
+
+def update_policy(run, velocity_fn, ro, cond, A, check, ref_fn) -> dict:
     """Step 5: `updates_per_rollout` optimizer steps on the clipped loss of Eq. (6); returns the
     means of tree_sampler.update's statistics over them, the last grad norm and lr, and the forwards."""
     args = run.args
-    ref_fn = None
-    if args.kl_coef > 0:
-        def ref_fn(x, t, c):  # the reference = the base model: LoRA switched off, no grad
-            run.base.disable_adapters()
-            try:
-                with torch.no_grad():
-                    return velocity_fn(x, t, c)
-            finally:
-                run.base.enable_adapters()
     nfe, nonfinite, update_stats = 0, 0, []
     for u in range(args.updates_per_rollout):
         run.optimizer.zero_grad(set_to_none=True)
         # One call for all G groups: the loss is already the mean over the G*K leaves.
         stats = tree_sampler.update(
-            velocity_fn, ro, cond, A, clip_eps=args.clip_eps, reduce=args.logprob_reduce,
+            velocity_fn, ro, cond, A, clip_eps=args.clip_eps, dual_clip=args.dual_clip or None, reduce=args.logprob_reduce,
             ratio_norm=args.ratio_norm, chunk_size=args.update_chunk or None, on_policy=(u == 0),
-            kl_coef=args.kl_coef, ref_velocity_fn=ref_fn, backward=run.accelerator.backward,
+            kl_coef=args.kl_coef, ref_velocity_fn=ref_fn if args.kl_coef > 0 else None, backward=run.accelerator.backward,
         )
         check("loss", torch.tensor(stats["loss"]))
         grad_norm = run.accelerator.clip_grad_norm_(list(run.params.values()), args.max_grad_norm)
@@ -683,6 +723,9 @@ def main(argv=None) -> int:
     except common.InputError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except common.RunError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
     except common.RunFinished as done:
         print(f"train.py: {done}", flush=True)
         return 0

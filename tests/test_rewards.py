@@ -723,7 +723,7 @@ def _free_port():
 def test_geneval_unreachable_or_malformed_url_fails_at_construction():
     url = f"http://127.0.0.1:{_free_port()}"
     start = time.time()
-    with pytest.raises(rewards.RewardServerError, match=rf"GenEval server at {url} is not reachable.*Refused"):
+    with pytest.raises(rewards.RewardServerError, match=rf"GenEval server at {url} is not reachable.*ConnectionError"):
         rewards.load_rewards("geneval", paths={"geneval": url})  # before any other model would load
     assert time.time() - start < 2
     for bad in ("127.0.0.1:18085", "http://:18085", "http://127.0.0.1:port"):
@@ -754,18 +754,42 @@ def silent_server():
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def test_geneval_server_that_never_replies_fails_within_timeout_times_attempts(silent_server):
-    timeout, retries = 0.3, 2
-    client = rewards.GenEvalClient(silent_server, timeout=timeout, retries=retries, backoff=0.01)  # accepts: reachable
+@pytest.fixture
+def stalling_server():
+    """An HTTP server that answers the reachability check (GET) and never finishes a POST."""
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            time.sleep(30)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_geneval_server_that_accepts_and_never_replies_fails_at_construction(silent_server):
     start = time.time()
-    with pytest.raises(rewards.RewardServerError, match=rf"{silent_server} failed after 3 attempt.*ReadTimeout"):
+    with pytest.raises(rewards.RewardServerError, match=rf"{silent_server} is not reachable or does not answer within 0.5 s"):
+        rewards.GenEvalClient(silent_server, timeout=0.5)
+    assert time.time() - start < 0.5 + 1.0
+
+
+def test_geneval_server_that_stops_replying_fails_within_timeout_times_attempts(stalling_server):
+    timeout, retries = 0.3, 2
+    client = rewards.GenEvalClient(stalling_server, timeout=timeout, retries=retries, backoff=0.01)  # it answers GET
+    start = time.time()
+    with pytest.raises(rewards.RewardServerError, match=rf"{stalling_server} failed after 3 attempt.*ReadTimeout"):
         client(_solid(["red"]), ["x"], [_meta(["red"])])
     elapsed = time.time() - start
     assert (retries + 1) * timeout <= elapsed < (retries + 1) * timeout + 0.03 + 1.0  # + backoffs + slack
 
 
-def test_geneval_deadline_bounds_a_whole_call(silent_server):
-    client = rewards.GenEvalClient(silent_server, timeout=0.4, retries=50, backoff=0.01, deadline=1.0, batch_size=1)
+def test_geneval_deadline_bounds_a_whole_call(stalling_server):
+    client = rewards.GenEvalClient(stalling_server, timeout=0.4, retries=50, backoff=0.01, deadline=1.0, batch_size=1)
     start = time.time()
     with pytest.raises(rewards.RewardServerError, match=r"deadline 1 s per call"):
         client(_solid(["red", "blue"]), ["x", "y"], [_meta(["red"]), _meta(["blue"])])

@@ -199,7 +199,7 @@ def test_nonfinite_numbers_stop_the_run_and_keep_the_last_checkpoint(assets):
                       patch=ADAM_SCALES_WEIGHTS.format(at=1, scale=1e30))
     assert proc.returncode != 0
     err = proc.stderr
-    assert "RuntimeError: non-finite" in err and "at step 2" in err, err[-3000:]
+    assert "train.py: error: non-finite" in err and "at step 2" in err and "Traceback" not in err, err[-3000:]
     assert any(p in err for p in PROMPTS) and "checkpoint-1) is intact" in err
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-1"]  # no half-written .tmp
     assert all(torch.isfinite(t).all() for t in _lora(out / "checkpoint-1", "lora").values())
@@ -221,6 +221,27 @@ def test_flow_grpo_baseline_with_kl_to_the_lora_free_reference(assets):
     assert row["tree/nfe_update"] == 80 + 120
     assert row["policy/kl"] > 0 and row["policy/approx_kl"] > 0  # update 2 sees the moved policy
     assert os.path.isfile(out / "checkpoint-1" / "lora" / LORA_FILE)
+
+
+def test_tilted_target_scores_every_leaf_under_the_lora_free_base(assets):
+    """--target tilted, 2 steps, reduce sum: the rollout spends one extra no-grad forward per SDE parent
+    (3 + 9 = 12 per prompt) on the reference, the base with its LoRA switched off. Before the first
+    update the LoRA is zero, so log P_ref = log P of every leaf exactly (ref_log_ratio 0); after it
+    the policy has moved away from the base."""
+    out = assets["root"] / "tilted"
+    proc = _train(_flags(assets, out, "--target", "tilted", "--tilt_weight", "0.5", "--logprob_reduce", "sum",
+                         "--max-steps", "2", "--branch_early", "0", "3", "4", "--kappa", "inf"))
+    assert "method tmpo (target tilted)" in proc.stdout
+    assert "of which 12 reference forwards without grad" in proc.stdout, proc.stdout
+    rows = _metrics(out)
+    for r in rows:  # fixed tree [0, 3, 4]: 3 + 3 + 3 + 3 + 9 + 27 = 48 policy forwards, + 12 reference
+        assert r["tree/nfe_rollout"] == 48 + 12 and r["tree/nfe_update"] == 12
+    assert rows[0]["policy/ref_log_ratio"] == 0.0
+    assert rows[1]["policy/ref_log_ratio"] != 0.0 and np.isfinite(rows[1]["policy/ref_log_ratio"])
+    for flags, expect in ((["--target", "tilted", "--method", "grpo"], "--target tilted is TMPO's target"),
+                          (["--dual_clip", "1.1"], "--dual_clip 1.1: must be 0")):
+        bad = _train(_flags(assets, out / "bad", "--max-steps", "1", *flags), check=False)
+        assert bad.returncode == 2 and expect in bad.stderr, bad.stderr[-2000:]
 
 
 def test_validation_samples_the_ema_weights_from_fixed_noise_and_logs_to_tensorboard(assets):
