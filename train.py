@@ -148,7 +148,9 @@ class Args:
                     choices=("auto", *DTYPES))
     lora_rank: int = arg(64, "LoRA rank r (App. D: 64)")
     lora_alpha: float = arg(128.0, "LoRA alpha (App. D: 128; scale alpha / r)")
-    gradient_checkpointing: bool = arg(False, "recompute transformer blocks in backward (less memory, ~30%% slower)")
+    gradient_checkpointing: bool = arg(None, "recompute each transformer block in backward instead of keeping its "
+                                       "activations: per image at 512^2 0.8 instead of 11.8 GiB, for one more forward of "
+                                       "each block in backward (default: on on CUDA, off on CPU; the memory plan at start)")
     # prompts
     prompts: str = arg("", "prompt file: .txt (one per line), .json (list of strings or of {'prompt': ...}) or .jsonl")
     prompts_per_process: int = arg(1, "G: prompts per process per step (App. D: 1 per GPU)")
@@ -184,9 +186,13 @@ class Args:
     # update (Eqs. 6-7, 30-32)
     clip_eps: float = arg(0.2, "epsilon: IS ratio clip range (Eq. 6; App. D: 0.2)")
     ratio_norm: bool = arg(True, "RatioNorm bias correction of the IS ratio (Eq. 32)")
-    kl_coef: float = arg(0.0, "weight of the KL to the reference model (LoRA disabled); 0 for TMPO as released")
+    kl_coef: float = arg(0.0, "weight of the KL to the reference model (LoRA disabled); 0 for TMPO as released. The KL "
+                         "is the true Gaussian KL of each transition, ||mu - mu_ref||^2 / (2 s^2), summed along the path; "
+                         "Flow-GRPO's code divides by its sigma_t^2 without the step's |dt| (s^2 = sigma_t^2 |dt|), so "
+                         "with --sde-kind flow_grpo its KL is |dt| times this one (7.3x smaller at step 2 of 6)")
     updates_per_rollout: int = arg(1, "optimizer steps per rollout (the first is exactly on-policy)")
-    update_chunk: int = arg(4, "parents per backward in the update (bounds memory, same gradient; 0 = one graph)")
+    update_chunk: int = arg(4, "parents per backward in the update (same gradient; 0 = one graph). Memory grows with it: "
+                             "per parent at 512^2, 11.8 GiB of activations, 0.8 with --gradient-checkpointing")
     lr: float = arg(5e-5, "AdamW learning rate (App. D: 5e-5 PickScore, 3e-5 others)")
     weight_decay: float = arg(1e-4, "AdamW weight decay (App. D: 1e-4)")
     adam_beta1: float = arg(0.9, "AdamW beta1")
@@ -506,7 +512,7 @@ def save_checkpoint(accelerator, args, step, transformer, params, keys, ema, opt
         "noise_generator": noise_gen.get_state(),
         "schedule_rng": sched_rng.bit_generator.state,
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(accelerator.device) if accelerator.device.type == "cuda" else None,  # own GPU
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "optimizer": optimizer.state_dict() if sharded_optimizer else None,
@@ -553,8 +559,8 @@ def load_checkpoint(accelerator, args, path, params, keys, ema, optimizer, sched
     noise_gen.set_state(rank_state["noise_generator"])
     sched_rng.bit_generator.state = rank_state["schedule_rng"]
     torch.set_rng_state(rank_state["torch"])
-    if rank_state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rank_state["cuda"])
+    if rank_state["cuda"] is not None and accelerator.device.type == "cuda":
+        torch.cuda.set_rng_state(rank_state["cuda"], accelerator.device)  # this rank's GPU only
     np.random.set_state(rank_state["numpy"])
     random.setstate(rank_state["python"])
     return int(state["step"])
@@ -626,10 +632,12 @@ def main(argv=None) -> None:
         raise SystemExit(f"train.py: error: --report-to {args.report_to}: the package is not installed "
                          f"(pip install {args.report_to}), or use --report-to none")
     accelerator = Accelerator(log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=args.output_dir)
+                              project_dir=args.output_dir, fsdp_plugin=flux.fsdp_plugin())
     rank, world = accelerator.process_index, accelerator.num_processes
     device, is_main = accelerator.device, accelerator.is_main_process
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.gradient_checkpointing is None:  # on where it is needed: FLUX on a GPU (flux.memory_plan)
+        args.gradient_checkpointing = device.type == "cuda"
     sharded = accelerator.distributed_type == DistributedType.FSDP
     ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
     if ddp and args.update_chunk == 0:
@@ -666,7 +674,7 @@ def main(argv=None) -> None:
     reward_fn = rewards.load_rewards(names, weights=args.reward_weights or None, paths=paths, device=device,
                                      dtype=DTYPES[args.reward_dtype])
 
-    pipe = flux.load_flux(args.model, dtype=dtype, device=device)
+    pipe = flux.load_flux(args.model, dtype=dtype, device=device, offload_text_encoders=True)  # T5/CLIP: CPU
     base = pipe.transformer
     flux.add_lora(base, rank=args.lora_rank, alpha=args.lora_alpha)  # fp32 LoRA, base frozen
     if args.gradient_checkpointing:
@@ -674,10 +682,15 @@ def main(argv=None) -> None:
     _, _, seq_len, channels = flux.latent_geometry(pipe, args.height, args.width)  # S tokens of C channels
     sigmas = flux.flux_sigmas(pipe, args.num_steps, args.height, args.width)  # (N + 1,)
     img_ids = flux.image_ids(pipe, args.height, args.width, device=device, dtype=dtype)  # (S, 3)
+    memory = flux.memory_plan(  # per GPU, from the models' sizes and a meta-device count of the activations
+        flux.memory_parts(pipe, reward_fn), flux.activation_bytes(base, img_ids, args.max_sequence_length),
+        make_spec(args, args.branch_early), args.prompts_per_process, rollout_batch=args.rollout_batch,
+        update_chunk=args.update_chunk, world_size=world, sharded=sharded, checkpointing=args.gradient_checkpointing,
+        device_bytes=torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
 
-    trainable = [p for p in base.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    # No name holds the pre-shard LoRA tensors: FSDP2 replaces them by sharded DTensors in prepare.
+    optimizer = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=args.lr,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
     # Not prepared: accelerate would step a prepared scheduler once per process per call.
     scheduler = cosine_schedule(optimizer, args.lr_warmup_steps, args.max_steps * args.updates_per_rollout)
     transformer, optimizer = accelerator.prepare(base, optimizer)
@@ -699,7 +712,7 @@ def main(argv=None) -> None:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
             _truncate_metrics_log(os.path.join(args.output_dir, "metrics.jsonl"), start_step)
 
-    plan = plan_lines(args, world)
+    plan = plan_lines(args, world) + memory["lines"]
     if is_main:
         print("TMPO run plan:\n  " + "\n  ".join(plan), flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
