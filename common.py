@@ -382,7 +382,7 @@ def save_grid(path: str, title: str, rows: dict, cell_height: int):
     return grid
 
 
-def make_accelerator(report_to: str, output_dir: str):
+def make_accelerator(report_to: str, output_dir: str, fsdp_plugin=None):
     """accelerate's Accelerator logging to `report_to` (tensorboard | wandb | none) under output_dir.
     accelerate silently drops a tracker whose package is missing; here that is an InputError."""
     from accelerate import Accelerator
@@ -391,7 +391,7 @@ def make_accelerator(report_to: str, output_dir: str):
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "none": lambda: True}
     if not available[report_to]():
         raise InputError(f"--report_to {report_to}: the package is not installed (pip install {report_to}), or use --report_to none")
-    return Accelerator(log_with=None if report_to == "none" else report_to, project_dir=output_dir)
+    return Accelerator(log_with=None if report_to == "none" else report_to, project_dir=output_dir, fsdp_plugin=fsdp_plugin)
 
 
 def log_image(accelerator, name: str, image: np.ndarray, step: int) -> None:
@@ -444,20 +444,21 @@ def peft_keys(model, names: list) -> dict:
     return {names[int(v.item())]: k for k, v in renamed.items()}
 
 
-def rng_states(**generators) -> dict:
-    """The process's RNG states (torch, CUDA, numpy, python) and those of the named torch / numpy Generators."""
+def rng_states(device, **generators) -> dict:
+    """The process's RNG states (torch, its own CUDA device's, numpy, python) and those of the named
+    torch / numpy Generators. Only this rank's device: another rank restores its own."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             **{k: g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for k, g in generators.items()}}
 
 
-def set_rng_states(states: dict, **generators) -> None:
+def set_rng_states(states: dict, device, **generators) -> None:
     """Inverse of rng_states."""
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
     for k, g in generators.items():
         if isinstance(g, torch.Generator):
             g.set_state(states[k])

@@ -97,13 +97,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_flux(model: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "FluxPipeline":
+def load_flux(model: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device="cpu",
+              offload_text_encoders: bool = False) -> "FluxPipeline":
     """Load a FluxPipeline from a local folder or a hub id, in `dtype`, on `device`, all frozen.
 
     `model`: a folder written by `FluxPipeline.save_pretrained` (e.g. a downloaded
     black-forest-labs/FLUX.1-dev, or `tests/tiny_flux.py`'s output), or a hub id "owner/name"
     (needs network access or the hub cache). Every base weight gets requires_grad=False; trainable
     weights come only from `add_lora`.
+    offload_text_encoders: keep CLIP and T5 (9.1 GiB in bf16, 40% of the transformer) in CPU memory;
+    `encode_prompts` moves them to the device for the encode and back, so rollout and update have
+    the GPU to themselves. Costs a copy of the encoders each way per encode (train.py: once per
+    step). The transformer and the VAE stay on `device`. (On CPU the move is a no-op; the GPU path
+    has not run yet: tests/test_gpu.py checks it.)
     """
     from diffusers import FluxPipeline
 
@@ -134,11 +140,12 @@ def load_flux(model: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
                 f"could not load '{model}': there is no local folder of that name, and loading it as a "
                 f"hub id failed (no network / not in the HF cache / gated model without a token?): {err}"
             ) from err
-    for component in pipe.components.values():
+    for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
-            # A no-op when from_pretrained honoured dtype= (diffusers 0.42 does); it guarantees the
-            # dtype on older diffusers that only knew torch_dtype=.
-            component.to(device=device, dtype=dtype)
+            offload = offload_text_encoders and name in ("text_encoder", "text_encoder_2")
+            # dtype: a no-op when from_pretrained honoured dtype= (diffusers 0.42 does); it
+            # guarantees the dtype on older diffusers that only knew torch_dtype=.
+            component.to(device="cpu" if offload else device, dtype=dtype)
             component.requires_grad_(False)
             component.eval()
     return pipe
@@ -259,6 +266,7 @@ def encode_prompts(pipe: "FluxPipeline", prompts, max_sequence_length: int = 512
                in the text encoders' dtype; leading dim P = one row per prompt, as `rollout` wants;
         text_ids (L, 3) zeros, shared by every prompt (pass to `make_velocity_fn`, not in cond).
     L = max_sequence_length (T5 pads every prompt to it, as FluxPipeline does; 512 by default).
+    Encoders kept elsewhere (load_flux(offload_text_encoders=True)) visit `device` for the encode.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -267,14 +275,22 @@ def encode_prompts(pipe: "FluxPipeline", prompts, max_sequence_length: int = 512
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     if not 1 <= max_sequence_length <= 512:
         raise ValueError(f"max_sequence_length must be in [1, 512] (FLUX's T5 limit), got {max_sequence_length}")
-    with torch.no_grad():
-        prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,  # the same text goes to CLIP and to T5, as FluxPipeline does by default
-            device=device if device is not None else pipe._execution_device,
-            num_images_per_prompt=1,
-            max_sequence_length=max_sequence_length,
-        )
+    device = torch.device(device if device is not None else pipe._execution_device)
+    visiting = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e.device.type != device.type]
+    try:
+        for encoder in visiting:
+            encoder.to(device)
+        with torch.no_grad():
+            prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,  # the same text goes to CLIP and to T5, as FluxPipeline does by default
+                device=device,
+                num_images_per_prompt=1,
+                max_sequence_length=max_sequence_length,
+            )
+    finally:
+        for encoder in visiting:  # back to CPU memory: not resident during rollout and update
+            encoder.to("cpu")
     cond = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
     return cond, text_ids
 
@@ -373,8 +389,10 @@ def make_velocity_fn(
     runs in bf16 as in the paper, while the sampler's state and the Gaussian log-probabilities of
     Eq. (48) stay in fp32 (in bf16, ||x' - mu||^2 over 65536 dims would lose the small
     differences the importance ratio of Eq. (7) is made of). Gradients flow through both casts.
-    In bf16 the transformer sees t rounded to bf16 (8 significant bits), exactly as inside
-    FluxPipeline; rollout and update pass the same t, so the rounding cancels in the ratio.
+    In bf16 the transformer sees bf16(sigma) (8 significant bits). FluxPipeline instead passes
+    bf16(bf16(1000 sigma) / 1000) (it casts the scheduler's timestep to the latents' dtype, then
+    divides by 1000 in bf16): one bf16 step apart at 4 of its 28 steps at 512^2 (none of the 6
+    training steps). Rollout and update pass the same t, so neither rounding enters the ratio.
     """
     base = _unwrap(transformer)
     compute_dtype = dtype if dtype is not None else base.dtype
@@ -478,3 +496,234 @@ def decode(pipe: "FluxPipeline", x_packed: torch.Tensor, height: int, width: int
             image = vae.decode(chunk.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]  # (n, 3, H, W)
             images.append((image.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what one GPU holds during a training step (the plan train.py prints at start)
+# ---------------------------------------------------------------------------------------------
+
+GiB = 2**30
+
+
+class _Saved:
+    """What the pack hook stores in the graph instead of a tensor; its death frees the bytes."""
+
+    __slots__ = ("tensor", "meter", "key")
+
+    def __init__(self, tensor, meter, key):
+        self.tensor, self.meter, self.key = tensor, meter, key
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class SavedTensorMeter:
+    """Live and peak bytes of the tensors autograd saves for backward (use as a context manager).
+
+    A torch.autograd.graph.saved_tensors_hooks pack hook adds a storage's bytes when a tensor of it
+    is first saved and removes them when its last saved reference dies (backward frees the graph).
+    Storages count once (a tensor saved by q, k and v is one storage) and are told apart by their
+    StorageImpl, not their address, so meta tensors are counted too. The storages of `exclude`
+    (parameters, buffers) are not counted: they exist whatever the update does. Workspaces and
+    gradients are not saved tensors and are not counted either.
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = {t.untyped_storage()._cdata for t in exclude}
+        self.live = self.peak = 0
+        self._refs: dict[int, list] = {}  # storage -> [bytes, saved references]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(
+            self._pack, lambda saved: saved.tensor if isinstance(saved, _Saved) else saved)
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.exclude:
+            return tensor
+        entry = self._refs.setdefault(key, [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.live += entry[0]
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+        return _Saved(tensor, self, key)
+
+    def _release(self, key):
+        entry = self._refs[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[key]
+
+
+class _FlashAttentionOnMeta(torch.overrides.TorchFunctionMode):
+    """On the meta device SDPA takes the math kernel, which saves the (S x S) attention weights;
+    CUDA's flash / memory-efficient kernels and CPU's flash kernel save only q, k, v, the output and
+    the log-sum-exp. Meta SDPA is routed to the CPU flash kernel, so meta counts what CUDA saves."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            a = {**dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args)), **kwargs}
+            if a["query"].device.type == "meta" and a.get("attn_mask") is None:
+                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    a["query"], a["key"], a["value"], a.get("dropout_p", 0.0), a.get("is_causal", False),
+                    scale=a.get("scale"))[0]
+        return func(*args, **kwargs)
+
+
+def activation_bytes(transformer: torch.nn.Module, img_ids: torch.Tensor, text_len: int) -> dict[str, int]:
+    """Bytes autograd saves for ONE row (one image) of a forward with grad, counted on a meta copy.
+
+    The copy has `transformer`'s config, dtype and LoRA, and lives on the meta device: shapes
+    without memory or compute (~5 s for FLUX.1-dev), so the count is exact at any size. Counted on
+    2 rows and halved (a batch of one shares a few views that larger batches copy): a call on n >= 2
+    rows saves n times these, to 0.5% (tests/test_flux.py checks meta against a real CPU forward on a
+    small FLUX, benchmarks/iteration_cost.py the update's saved tensors against the plan). Per row:
+      grad          a forward with grad, no checkpointing: every block's saved tensors;
+      checkpointed  with gradient checkpointing: the blocks' inputs (and what lies outside blocks);
+      block         the largest block's saved tensors: what checkpointing recomputes at a time in
+                    backward; also the plan's estimate of a no-grad forward's working set.
+    Counted without autocast: with fp32 LoRA weights peft saves an fp32 copy of each LoRA layer's
+    input, so this is the upper end (FSDP's bf16 gather and bf16 autocast save bf16 copies).
+    """
+    base = _unwrap(transformer)
+    with torch.device("meta"):
+        meta = type(base).from_config(base.config)
+    meta.to(base.dtype).requires_grad_(False)
+    if getattr(base, "peft_config", None):
+        cfg = base.peft_config[_adapter_name(base, None)]
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+        add_lora(meta, rank=cfg.r, alpha=cfg.lora_alpha, target_modules=targets)
+    c = meta.config
+    velocity_fn = make_velocity_fn(meta, torch.zeros(text_len, 3, device="meta"), img_ids.to("meta"),
+                                   guidance=3.5 if c.guidance_embeds else None)
+    x = torch.zeros(2, img_ids.shape[0], c.in_channels, device="meta")  # (2, S, C)
+    cond = {"prompt_embeds": torch.zeros(2, text_len, c.joint_attention_dim, device="meta"),
+            "pooled_prompt_embeds": torch.zeros(2, c.pooled_projection_dim, device="meta")}
+    exclude = [*meta.parameters(), *meta.buffers()]
+    out, starts, block = {}, [], []
+    for b in [*meta.transformer_blocks, *meta.single_transformer_blocks]:  # live bytes across a block: its saved tensors
+        b.register_forward_pre_hook(lambda *_: starts.append(meter.live))
+        b.register_forward_hook(lambda *_: block.append(meter.live - starts.pop()))
+    for key in ("grad", "checkpointed"):
+        if key == "checkpointed":  # blocks then run inside torch.utils.checkpoint: the meter sees none of them
+            meta.enable_gradient_checkpointing()
+        meter = SavedTensorMeter(exclude)
+        with _FlashAttentionOnMeta(), meter:
+            velocity_fn(x, torch.full((2,), 0.5, device="meta"), cond)
+        out[key] = meter.peak // 2
+    return {**out, "block": max(block) // 2}
+
+
+def module_bytes(*objects) -> int:
+    """Bytes of the parameters and buffers of every torch module reachable from `objects` (modules,
+    or objects holding them in attributes, lists or dicts, as the reward scorers do), LoRA weights
+    excluded; each tensor once. Meta tensors (offloaded encoders, meta-built models) count too."""
+    seen, sizes, todo = set(), {}, list(objects)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            sizes.update({id(t): t.numel() * t.element_size()
+                          for n, t in [*obj.named_parameters(), *obj.named_buffers()] if "lora_" not in n})
+        elif isinstance(obj, (list, tuple, set, dict)):
+            todo += obj.values() if isinstance(obj, dict) else obj
+        elif hasattr(obj, "__dict__"):
+            todo += vars(obj).values()
+    return sum(sizes.values())
+
+
+def memory_parts(pipe: "FluxPipeline", *rewards) -> dict[str, int]:
+    """Bytes of the models of a run, as `memory_plan` wants them: the transformer's base weights
+    (and its largest block and the rest, FSDP's units), the LoRA parameter count, the encoders, the
+    VAE and the reward scorers."""
+    base = _unwrap(pipe.transformer)
+    blocks = [module_bytes(b) for b in [*base.transformer_blocks, *base.single_transformer_blocks]]
+    whole = module_bytes(base)
+    return {"transformer": whole, "root": whole - sum(blocks), "unit": max(blocks),
+            "lora": sum(p.numel() for n, p in base.named_parameters() if "lora_" in n),
+            "text_encoders": module_bytes(pipe.text_encoder, pipe.text_encoder_2), "vae": module_bytes(pipe.vae),
+            "rewards": module_bytes(*rewards)}
+
+
+def memory_plan(parts: dict, act: dict, spec: tree_sampler.TreeSpec, groups: int = 1, *, rollout_batch: int = 0,
+                update_chunk: int = 4, world_size: int = 1, sharded: bool = False, checkpointing: bool = True,
+                offload_text_encoders: bool = True, device_bytes: int | None = None) -> dict:
+    """Bytes one GPU needs for a training step: what stays resident, plus the largest working set
+    (encode, rollout, update). parts: `memory_parts`; act: `activation_bytes` (per row).
+
+    Resident:
+      transformer  bf16 base, whole on every GPU (one GPU, DDP). FSDP2: the rank's 1/world of the
+                   blocks, the root unit whole (embedders and output layer: never resharded) and two
+                   blocks gathered at a time (the one computing and the one prefetched).
+      lora         fp32: weights 4 + gradients 4 + AdamW moments 8 + EMA 4 = 20 bytes per parameter
+                   (sharded under FSDP; DDP adds 4 for its gradient buckets).
+      text encoders 0 when offloaded (load_flux(offload_text_encoders=True)), else whole.
+      VAE, rewards whole on every GPU: small next to the transformer, used every step.
+    Working sets (one after the other, so the largest one counts):
+      encode       the offloaded text encoders, on the GPU while the step's prompts are encoded.
+      rollout      rows per transformer call (--rollout-batch, or all G K leaves of the last steps)
+                   x act["block"] (an estimate: no grad keeps one block's tensors at a time). The
+                   tilted target's reference forwards run on the same rows after the policy's: no more.
+      update       rows per backward (--update-chunk, parents of one SDE step) x act["grad"]; with
+                   gradient checkpointing x (act["checkpointed"] + act["block"]): every block's
+                   input, plus one block recomputed at a time in backward.
+    Not planned: the VAE decode's and the reward forward's working sets (bounded by --decode-batch),
+    the rollout's stored states (x, mean, children: 256 KiB per row at 512^2), CUDA workspaces and
+    allocator fragmentation (compare with max_memory_allocated, not reserved memory).
+    """
+    shard = world_size if sharded else 1
+    active = [groups * a for a in spec.active_nodes()]  # rows per denoising step
+    parents = [active[n] for n in spec.fanout] or [0]  # rows of each SDE step's recompute
+    rollout_rows = min(rollout_batch or max(active), max(active))
+    update_rows = min(update_chunk, max(parents)) if update_chunk else sum(parents)
+    per_row = act["checkpointed"] + act["block"] if checkpointing else act["grad"]
+    resident = {
+        "transformer": (parts["transformer"] - parts["root"]) / shard + parts["root"] + (2 * parts["unit"] if sharded else 0),
+        "lora": parts["lora"] * (20 / shard + (4 if world_size > 1 and not sharded else 0)),
+        "text_encoders": 0 if offload_text_encoders else parts["text_encoders"],
+        "vae": parts["vae"], "rewards": parts["rewards"],
+    }
+    work = {"encode": parts["text_encoders"] if offload_text_encoders else 0,
+            "rollout": rollout_rows * act["block"], "update": update_rows * per_row}
+    peak = sum(resident.values()) + max(work.values())
+    g = lambda b: f"{b / GiB:.3g}"  # noqa: E731
+    lines = [f"memory per GPU (GiB, plan{f', FSDP over {world_size}' if sharded else ''}): resident "
+             + " + ".join(f"{k} {g(v)}" for k, v in resident.items()) + f" = {g(sum(resident.values()))}; + max("
+             + ", ".join(f"{k} {g(v)}" for k, v in work.items()) + f") = peak {g(peak)}"
+             + (f" of {g(device_bytes)}" if device_bytes else ""),
+             f"  (rollout {rollout_rows} rows x {g(act['block'])}; update {update_rows} rows x {g(per_row)}, gradient "
+             f"checkpointing {'on' if checkpointing else 'off'}; text encoders {'offloaded' if offload_text_encoders else 'resident'})"]
+    if device_bytes and peak > device_bytes:
+        lines.append(f"WARNING: the plan needs {g(peak)} GiB per GPU, the device has {g(device_bytes)}: turn on "
+                     "--gradient-checkpointing, lower --update-chunk or --rollout-batch, or shard with FSDP")
+    return {**resident, **work, "peak": peak, "fits": not device_bytes or peak <= device_bytes, "lines": lines}
+
+
+def fsdp_plugin():
+    """accelerate's FSDP plugin for FLUX + LoRA, or None when `accelerate launch` did not ask for FSDP.
+
+    With `mixed_precision: bf16` accelerate would build MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=bf16): the fp32 LoRA gradients would be reduce-scattered in bf16. Here parameters
+    are gathered in bf16 (the frozen base is bf16 already; the fp32 LoRA shards are cast for compute)
+    and gradients are reduced in fp32 into the fp32 LoRA shards. Everything else (FSDP2, the
+    per-block wrap policy, resharding) comes from the launch config (its FSDP_* environment).
+    The CPU tests run FSDP2 without mixed precision; the bf16 policy has not run on a GPU yet.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
+    return FullyShardedDataParallelPlugin(
+        mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None)

@@ -294,3 +294,169 @@ def test_make_velocity_fn_checks_its_inputs(pipe32):
         velocity_fn(torch.zeros(2, S + 4, C), torch.ones(2), cond)
     with pytest.raises(ValueError, match="prompt_embeds"):
         velocity_fn(torch.zeros(3, S, C), torch.ones(3), cond)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offloaded text encoders, FSDP mixed precision, memory
+# ---------------------------------------------------------------------------------------------
+
+
+def test_offloaded_text_encoders_stay_in_cpu_memory_and_encode_the_same(tiny_flux_dir, pipe32):
+    offloaded = flux.load_flux(tiny_flux_dir, dtype=torch.float32, offload_text_encoders=True)
+    for name in ("text_encoder", "text_encoder_2"):
+        assert getattr(offloaded, name).device.type == "cpu"
+    cond, ids = flux.encode_prompts(offloaded, PROMPTS, max_sequence_length=MAX_LEN, device="cpu")
+    ref, ref_ids = flux.encode_prompts(pipe32, PROMPTS, max_sequence_length=MAX_LEN, device="cpu")
+    assert all(torch.equal(cond[k], ref[k]) for k in ref) and torch.equal(ids, ref_ids)
+    assert offloaded.text_encoder_2.device.type == "cpu"  # back after the encode (a no-op on CPU; the GPU path is not run here)
+
+
+def test_fsdp_plugin_gathers_bf16_and_reduces_fp32(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert flux.fsdp_plugin() is None  # not launched with an FSDP config: no plugin
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    policy = flux.fsdp_plugin().mixed_precision_policy
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert flux.fsdp_plugin().mixed_precision_policy is None  # fp32 runs: no casts at all
+
+
+def test_saved_tensor_meter_closed_form():
+    a = torch.randn(1000, requires_grad=True)  # 4000 bytes
+    with flux.SavedTensorMeter() as meter:
+        b = a.exp()  # exp saves its result: 4000 bytes
+        c = b.exp()  # another 4000
+        assert meter.live == 8000
+        c.sum().backward()
+    assert meter.peak == 8000 and meter.live == 0
+    with flux.SavedTensorMeter() as meter:
+        (a * a).sum().backward()  # mul saves both operands, the same storage: counted once
+    assert meter.peak == 4000 and meter.live == 0
+    with flux.SavedTensorMeter(exclude=[a]) as meter:  # a parameter is not activation memory
+        (a * a).sum().backward()
+    assert meter.peak == 0
+    m = torch.zeros(250, 2, device="meta", requires_grad=True)  # meta tensors count by shape (no address)
+    with flux.SavedTensorMeter() as meter:
+        (m.exp() * 2).sum()
+    assert meter.peak == 2000
+
+
+def _small_flux(device, dtype=torch.float32):
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=48, guidance_embeds=True,
+            axes_dims_rope=(8, 12, 12))
+    transformer.to(dtype).requires_grad_(False)
+    flux.add_lora(transformer, rank=8, alpha=16)
+    return transformer
+
+
+def test_activation_bytes_counted_on_meta_equal_a_real_cpu_forward():
+    """The meta-device count (shapes only) is exactly what a real forward with grad saves on CPU:
+    without checkpointing, with it, and per block; so the same count at FLUX.1-dev size is exact."""
+    transformer = _small_flux("cpu")
+    rows, cols, text_len = 6, 8, 16
+    act = flux.activation_bytes(transformer, flux.token_grid_ids(rows, cols), text_len)
+    velocity_fn = flux.make_velocity_fn(transformer, torch.zeros(text_len, 3), flux.token_grid_ids(rows, cols))
+    x, t = torch.randn(2, rows * cols, 64), torch.full((2,), 0.5)  # activation_bytes counts 2 rows, halved
+    cond = {"prompt_embeds": torch.randn(2, text_len, 64), "pooled_prompt_embeds": torch.randn(2, 48)}
+    exclude = [*transformer.parameters(), *transformer.buffers()]
+    measured, blocks = {}, []
+    for key in ("grad", "checkpointed"):
+        if key == "checkpointed":
+            transformer.enable_gradient_checkpointing()
+        with flux.SavedTensorMeter(exclude) as meter:
+            if key == "grad":  # each block alone: live bytes across it
+                for b in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                    b.register_forward_pre_hook(lambda *_: blocks.append(-meter.live))
+                    b.register_forward_hook(lambda *_: blocks.append(blocks.pop() + meter.live))
+            velocity_fn(x, t, cond).sum().backward()
+            for b in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                b._forward_hooks.clear()
+                b._forward_pre_hooks.clear()
+        measured[key] = meter.peak
+        assert meter.live == 0
+    assert {k: 2 * v for k, v in act.items()} == {**measured, "block": max(blocks)}
+    assert act["checkpointed"] < act["block"] < act["grad"]
+    # n rows save n times as much (what memory_plan multiplies by)
+    transformer.disable_gradient_checkpointing()
+    with flux.SavedTensorMeter(exclude) as meter:
+        velocity_fn(torch.randn(5, rows * cols, 64), t[:1].expand(5), {k: torch.randn(5, *v.shape[1:]) for k, v in cond.items()})
+    assert meter.peak == pytest.approx(5 * act["grad"], rel=0.005)
+
+
+# FLUX.1-dev as published (black-forest-labs/FLUX.1-dev: transformer/, text_encoder/ (CLIP-L),
+# text_encoder_2/ (T5-v1.1-XXL encoder), vae/ config.json) and PickScore_v1 (CLIP-H/14).
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+@pytest.fixture(scope="module")
+def flux_dev_plan_inputs():
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**FLUX_DEV)
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                     feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False)
+        pickscore = CLIPModel(CLIPConfig(
+            projection_dim=1024,
+            text_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24),
+            vision_config=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32,
+                               patch_size=14, image_size=224)))
+    for module in (transformer, t5, clip, vae):
+        module.to(torch.bfloat16)  # train.py's dtype on a GPU; the reward model stays fp32 (--reward-dtype)
+    n_base = sum(p.numel() for p in transformer.parameters())
+    flux.add_lora(transformer)  # the paper's rank 64, alpha 128 on the paper's targets
+    pipe = SimpleNamespace(transformer=transformer, text_encoder=clip, text_encoder_2=t5, vae=vae)
+    parts = flux.memory_parts(pipe, pickscore)
+    act = flux.activation_bytes(transformer, flux.token_grid_ids(32, 32), 512)  # 512^2: 32 x 32 tokens, 512 T5 tokens
+    return SimpleNamespace(n_base=n_base, transformer=transformer, parts=parts, act=act, t5=t5, clip=clip, pickscore=pickscore)
+
+
+def test_memory_plan_of_flux_dev_from_meta_parameter_counts(flux_dev_plan_inputs):
+    d = flux_dev_plan_inputs
+    n_lora = sum(p.numel() for n, p in d.transformer.named_parameters() if "lora_" in n)
+    lora_layers = {n.split(".lora_")[0] for n, _ in d.transformer.named_parameters() if "lora_" in n}
+    assert (d.n_base, n_lora, len(lora_layers)) == (11_901_408_320, 179_306_496, 342)  # 11.90 B, 179.3 M on 19 x 12 + 38 x 3
+    text = sum(t.numel() * t.element_size() for m in (d.t5, d.clip) for t in [*m.parameters(), *m.buffers()])
+    assert d.parts["transformer"] == 2 * d.n_base and d.parts["lora"] == n_lora and d.parts["text_encoders"] == text
+    assert round(text / 2**30, 2) == 9.10  # T5-XXL encoder 4.76 B + CLIP-L 0.12 B parameters, bf16
+    reward = sum(t.numel() * t.element_size() for t in [*d.pickscore.parameters(), *d.pickscore.buffers()])
+    assert d.parts["rewards"] == reward and round(reward / 2**30, 2) == 3.67  # fp32 CLIP-H/14, 0.99 B parameters
+    blocks = [*d.transformer.transformer_blocks, *d.transformer.single_transformer_blocks]
+    assert d.parts["unit"] == 2 * sum(p.numel() for n, p in blocks[0].named_parameters() if "lora_" not in n)
+    GiB = 2**30
+    # activations saved per image at 512^2 (meta count): 11.8 GiB; with checkpointing 0.51 (+ one block, 0.28)
+    assert [round(d.act[k] / GiB, 2) for k in ("grad", "checkpointed", "block")] == [11.80, 0.51, 0.28]
+
+    tree = tree_sampler.TreeSpec.tree(6, (0, 2, 3), 3)  # K = 27, the default tree
+    one = flux.memory_plan(d.parts, d.act, tree, device_bytes=80e9)  # defaults: checkpointing, chunk 4, all rows
+    assert one["transformer"] == d.parts["transformer"] and one["lora"] == 20 * n_lora  # weights + grads + AdamW + EMA
+    assert one["text_encoders"] == 0 and one["encode"] == d.parts["text_encoders"]  # offloaded, visits to encode
+    assert one["update"] == 4 * (d.act["checkpointed"] + d.act["block"]) and one["rollout"] == 27 * d.act["block"]
+    assert one["fits"] and round(one["peak"] / GiB, 1) == 38.4  # one 80 GB GPU, no sharding
+    fsdp = flux.memory_plan(d.parts, d.act, tree, world_size=8, sharded=True, device_bytes=24e9)
+    assert fsdp["transformer"] == (d.parts["transformer"] - d.parts["root"]) / 8 + d.parts["root"] + 2 * d.parts["unit"]
+    assert fsdp["lora"] == 20 * n_lora / 8
+    assert fsdp["fits"] and round(fsdp["peak"] / GiB, 1) == 17.5  # 8 GPUs of 24 GB
+    # what does not fit: no checkpointing with 4 parents per backward, and the encoders resident (the old DDP default)
+    assert not flux.memory_plan(d.parts, d.act, tree, checkpointing=False, device_bytes=80e9)["fits"]
+    old = flux.memory_plan(d.parts, d.act, tree, world_size=8, checkpointing=False, offload_text_encoders=False,
+                           device_bytes=80e9)
+    assert not old["fits"] and round(old["peak"] / GiB, 1) == 86.3 and "WARNING" in old["lines"][-1]
