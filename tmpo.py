@@ -59,19 +59,6 @@ import math
 
 import torch
 
-__all__ = [
-    "boltzmann_log_target",
-    "softmax_tb_advantage",
-    "grpo_advantage",
-    "group_zscore",
-    "ratio_norm_log_ratio",
-    "gaussian_kl",
-    "DUAL_CLIP",
-    "clipped_ratio",
-    "clipped_surrogate_loss",
-    "surrogate_log_ratio_weights",
-    "beta_schedule",
-]
 
 
 # ----------------------------------------------------------------------------------------------

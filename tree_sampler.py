@@ -42,20 +42,6 @@ from tmpo import DUAL_CLIP, clipped_surrogate_loss, gaussian_kl, ratio_norm_log_
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
-__all__ = [
-    "sigma_schedule",
-    "ode_step",
-    "sde_mean_std",
-    "sde_step",
-    "transition_log_prob",
-    "branch_schedule",
-    "TreeSpec",
-    "Transition",
-    "Rollout",
-    "rollout",
-    "trajectory_log_ratio",
-    "update",
-]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,23 +116,6 @@ def sde_mean_std(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eta:
         mean = x + (v + sigma_n**2 / (2 * t) * (x + (1.0 - t) * v)) * dt  # Eq. (40)
         return mean, sigma_n * math.sqrt(-dt)  # Eq. (39)
     raise ValueError(f"unknown SDE kind {kind!r}: use 'cps' (Eq. 9) or 'flow_grpo' (Eqs. 39-40)")
-
-
-def sde_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    t: float,
-    t_next: float,
-    eta: float,
-    kind: str = "cps",
-    generator: Optional[torch.Generator] = None,
-    noise: Optional[torch.Tensor] = None,
-):
-    """One stochastic step x' = mu + s eps (Eq. 38). Returns (x_next, mean, std)."""
-    mean, s = sde_mean_std(x, v, t, t_next, eta, kind)
-    if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return mean + s * noise, mean, s
 
 
 def transition_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std, reduce: str = "sum") -> torch.Tensor:

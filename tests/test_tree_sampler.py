@@ -114,7 +114,8 @@ def test_flow_grpo_sde_preserves_gaussian_marginal():
 
     g = torch.Generator().manual_seed(0)
     x = (1 - t) * m + math.sqrt(V) * torch.randn(400_000, 1, generator=g, dtype=torch.float64)
-    x_next, _, s = ts.sde_step(x, velocity(x), t, tn, eta=0.9, kind="flow_grpo", generator=g)
+    mean, s = ts.sde_mean_std(x, velocity(x), t, tn, eta=0.9, kind="flow_grpo")
+    x_next = mean + s * torch.randn(x.shape, generator=g, dtype=x.dtype)  # Eq. (38)
     assert s > 0.05  # a real amount of injected noise
     mean_ref, var_ref = (1 - tn) * m, (1 - tn) ** 2 * s0**2 + tn**2
     assert abs(x_next.mean().item() - mean_ref) < 5e-3

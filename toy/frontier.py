@@ -34,7 +34,6 @@ its runs' end points, each run's training curve thin, the reference curve dashed
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -199,25 +198,8 @@ def plot(path: str, results: list[dict]):
     plt.close(fig)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 6, quick 2)")
-    p.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--iters", type=int, default=None, help="iterations per run (default 400, quick 100)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default min(2, CPUs))")
-    p.add_argument("--quick", action="store_true", help="2 seeds, 100 iterations, fewer knob values (< 1 min)")
-    p.add_argument("--out", default=None, help="write frontier.json and frontier.png here")
-    a = p.parse_args(argv)
-    cfg = replace(cm.Config(), **(QUICK if a.quick else {"seeds": 6}))
-    cfg = replace(cfg, seed_offset=a.seed_offset, **{k: v for k, v in (("seeds", a.seeds), ("iters", a.iters)) if v is not None})
-    cfg.validate()
-    if a.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {a.workers}")
-    return cfg, a
-
-
 def main(argv=None):
-    cfg, a = parse_args(argv)
+    cfg, a = cm.parse_args(argv, __doc__, replace(cm.Config(), seeds=6), QUICK, extra=())
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
