@@ -6,9 +6,11 @@ The sampler (`tree_sampler.py`) and the objective (`tmpo.py`) see a flow model o
 (`add_lora`, App. D "Backbone": rank 64, alpha 128), encodes prompts once per step
 (`encode_prompts`), builds the velocity function (`make_velocity_fn`), converts the transformer's
 packed token layout to the VAE's image layout with FluxPipeline's own helpers (`decode`,
-`unpacked_latents` for the LGMD metric of Sec. 5, `image_ids`), and gives the sigma grid
-FluxPipeline uses (`flux_sigmas`, its own scheduler call with the resolution-dependent shift). `train.py`, `eval.py` and `benchmarks/` all go
-through these functions, so a change of diffusers' layout is fixed here only.
+`unpacked_latents` for the LGMD metric of Sec. 5, `image_ids`), gives the sigma grid FluxPipeline
+uses (`flux_sigmas`, its own scheduler call with the resolution-dependent shift), and plans the
+memory of a training step (`activation_bytes`, `memory_parts`, `memory_plan`, `fsdp_plugin`).
+`train.py`, `eval.py` and `benchmarks/` all go through these functions, so a change of diffusers'
+layout is fixed here only.
 
 Conventions (EQUATIONS.md, "Notation"): t = sigma in [0, 1], 1 = pure noise, 0 = data. The FLUX
 transformer predicts the rectified-flow velocity v = eps - x_0 of Eq. (2) (it is trained with
@@ -102,7 +104,8 @@ def load_flux(model: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    path, local = os.path.expanduser(str(model)), os.path.isdir(os.path.expanduser(str(model)))
+    path = os.path.expanduser(str(model))
+    local = os.path.isdir(path)
     missing = [p for p in ("model_index.json",) + FLUX_PARTS if local and not os.path.exists(os.path.join(path, p))]
     if missing:
         raise FileNotFoundError(
