@@ -4,11 +4,13 @@ The sampler (`tree_sampler.py`) and the objective (`tmpo.py`) see a flow model o
 `velocity_fn(x, t, cond) -> v`, with the state x kept in fp32. This file turns diffusers'
 `FluxPipeline` into that: it loads the pipeline (`load_flux`), adds the paper's LoRA
 (`add_lora`, App. D "Backbone": rank 64, alpha 128), encodes prompts once per step
-(`encode_prompts`), builds the velocity function (`make_velocity_fn`), converts between the
-transformer's packed token layout and the VAE's image layout (`pack`, `unpack`, `decode`,
-`unpacked_latents` for the LGMD metric of Sec. 5), and gives the sigma grid FluxPipeline would use
-(`flux_sigmas`, resolution-dependent shift). `train.py`, `eval.py` and `benchmarks/` all go
-through these functions, so a change of diffusers' layout is fixed here only.
+(`encode_prompts`), builds the velocity function (`make_velocity_fn`), converts the transformer's
+packed token layout to the VAE's image layout with FluxPipeline's own helpers (`decode`,
+`unpacked_latents` for the LGMD metric of Sec. 5, `image_ids`), gives the sigma grid FluxPipeline
+uses (`flux_sigmas`, its own scheduler call with the resolution-dependent shift), and plans the
+memory of a training step (`activation_bytes`, `memory_parts`, `memory_plan`, `fsdp_plugin`).
+`train.py`, `eval.py` and `benchmarks/` all go through these functions, so a change of diffusers'
+layout is fixed here only.
 
 Conventions (EQUATIONS.md, "Notation"): t = sigma in [0, 1], 1 = pure noise, 0 = data. The FLUX
 transformer predicts the rectified-flow velocity v = eps - x_0 of Eq. (2) (it is trained with
@@ -35,11 +37,15 @@ Tests:
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 import re
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 import tree_sampler
 
@@ -62,34 +68,17 @@ FLUX_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2",
 #     projections in each transformer block" would add the single blocks' proj_mlp / proj_out:
 #     pass `target_modules` to `add_lora` for that (a bare "proj_out" would also hit the final
 #     output layer; peft accepts a regex string such as r".*single_transformer_blocks\.\d+\.proj_out").
-FLUX_LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-)
+FLUX_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image stream attention
+                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",  # text stream
+                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # both MLPs
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The diffusers model inside a DDP/FSDP/compile wrapper (they expose it as `.module` /
-    `._orig_mod`); its `.config` says how to call it."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
+    """The diffusers model inside a DDP/FSDP/compile wrapper (accelerate's own unwrapping, as
+    `accelerator.unwrap_model`); its `.config` says how to call it."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,48 +105,35 @@ def load_flux(model: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, dev
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     path = os.path.expanduser(str(model))
-    if os.path.isdir(path):
-        missing = [p for p in ("model_index.json",) + FLUX_PARTS
-                   if not os.path.exists(os.path.join(path, p))]
-        if missing:
-            raise FileNotFoundError(
-                f"{path} is not a complete FluxPipeline folder: missing {', '.join(missing)}. "
-                f"A FluxPipeline folder holds model_index.json and the subfolders {', '.join(FLUX_PARTS)} "
-                "(as written by FluxPipeline.save_pretrained or downloaded from black-forest-labs/FLUX.1-dev)."
-            )
-        pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
-    elif os.path.exists(path):
-        raise NotADirectoryError(f"model path {path} is a file; pass the FluxPipeline folder or a hub id")
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) or str(model).startswith((".", "~")):
+    local = os.path.isdir(path)
+    missing = [p for p in ("model_index.json",) + FLUX_PARTS if local and not os.path.exists(os.path.join(path, p))]
+    if missing:
         raise FileNotFoundError(
-            f"model folder {path} does not exist (and '{model}' is not a hub id of the form owner/name)"
-        )
-    else:
-        try:
-            pipe = FluxPipeline.from_pretrained(str(model), dtype=dtype)
-        except Exception as err:  # re-raised with the two things the user can fix
-            raise RuntimeError(
-                f"could not load '{model}': there is no local folder of that name, and loading it as a "
-                f"hub id failed (no network / not in the HF cache / gated model without a token?): {err}"
-            ) from err
+            f"{path} is not a complete FluxPipeline folder: missing {', '.join(missing)}. A FluxPipeline folder holds "
+            f"model_index.json and the subfolders {', '.join(FLUX_PARTS)} (as written by FluxPipeline.save_pretrained "
+            "or downloaded from black-forest-labs/FLUX.1-dev).")
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"model path {path} is a file; pass the FluxPipeline folder or a hub id")
+    if not local and (not re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) or str(model).startswith((".", "~"))):
+        raise FileNotFoundError(f"model folder {path} does not exist (and '{model}' is not a hub id of the form owner/name)")
+    try:
+        pipe = FluxPipeline.from_pretrained(path if local else str(model), dtype=dtype)
+    except Exception as err:  # a hub id: re-raised with the two things the user can fix
+        if local:
+            raise
+        raise RuntimeError(f"could not load '{model}': there is no local folder of that name, and loading it as a hub "
+                           f"id failed (no network / not in the HF cache / gated model without a token?): {err}") from err
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             offload = offload_text_encoders and name in ("text_encoder", "text_encoder_2")
             # dtype: a no-op when from_pretrained honoured dtype= (diffusers 0.42 does); it
             # guarantees the dtype on older diffusers that only knew torch_dtype=.
-            component.to(device="cpu" if offload else device, dtype=dtype)
-            component.requires_grad_(False)
-            component.eval()
+            component.to(device="cpu" if offload else device, dtype=dtype).requires_grad_(False).eval()
     return pipe
 
 
-def add_lora(
-    transformer: torch.nn.Module,
-    rank: int = 64,
-    alpha: float = 128,
-    target_modules: str | tuple | list = FLUX_LORA_TARGETS,
-    dropout: float = 0.0,
-) -> list[torch.nn.Parameter]:
+def add_lora(transformer: torch.nn.Module, rank: int = 64, alpha: float = 128,
+             target_modules: str | tuple | list = FLUX_LORA_TARGETS, dropout: float = 0.0) -> list[torch.nn.Parameter]:
     """Add a LoRA adapter ("default") to the FLUX transformer; return its trainable parameters.
 
     Goes through diffusers' PEFT integration (`transformer.add_adapter`) so that the result saves
@@ -168,6 +144,7 @@ def add_lora(
     updates keep full precision, and peft casts the layer input to the LoRA dtype and the result
     back. Every non-LoRA parameter is frozen.
     """
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     if rank < 1 or alpha <= 0:
@@ -175,82 +152,45 @@ def add_lora(
     # peft's two matching rules: a list of names matches module paths ending with ".name"; a single
     # string is a regex that must match the whole path. Check every target hits something, since
     # peft only complains when nothing at all matches.
-    module_names = [name for name, _ in transformer.named_modules()]
-    if isinstance(target_modules, str):
-        if not any(re.fullmatch(target_modules, n) for n in module_names):
-            raise ValueError(f"LoRA target regex {target_modules!r} matches no module of {type(transformer).__name__}")
-    else:
-        target_modules = list(target_modules)
-        unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in module_names)]
-        if unmatched:
-            raise ValueError(f"LoRA targets {unmatched} match no module of {type(transformer).__name__}")
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        init_lora_weights="gaussian",
-        target_modules=target_modules,
-    )
-    transformer.add_adapter(config)
-    trainable = []
-    for name, param in transformer.named_parameters():
-        is_lora = "lora_" in name
-        if is_lora:
-            param.data = param.data.float()
-        param.requires_grad_(is_lora)
-        if is_lora:
-            trainable.append(param)
-    return trainable
+    names, regex = [name for name, _ in transformer.named_modules()], isinstance(target_modules, str)
+    target_modules = target_modules if regex else list(target_modules)
+    unmatched = [t for t in ([target_modules] if regex else target_modules)
+                 if not any(re.fullmatch(t, n) if regex else n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(f"LoRA {'target regex' if regex else 'targets'} {unmatched} {'matches' if regex else 'match'} "
+                         f"no module of {type(transformer).__name__}")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                                       target_modules=target_modules))  # peft: only the new lora_A / lora_B train
+    cast_training_params(transformer, dtype=torch.float32)  # the trainable (LoRA) weights in fp32
+    return [p for p in transformer.parameters() if p.requires_grad]
 
 
-def _adapter_name(transformer: torch.nn.Module, adapter_name: str | None) -> str:
-    """The LoRA adapter to save: the given name, or the only one (add_lora names it "default",
-    diffusers' load_lora_weights "default_0")."""
+def _adapter_name(transformer: torch.nn.Module) -> str:
+    """The transformer's one LoRA adapter (add_lora names it "default", diffusers' load_lora_weights "default_0")."""
     names = list(getattr(transformer, "peft_config", {}))
-    if adapter_name is None:
-        if len(names) != 1:
-            raise ValueError(f"the transformer has LoRA adapters {names}: add one with add_lora, or name one")
-        return names[0]
-    if adapter_name not in names:
-        raise ValueError(f"no LoRA adapter {adapter_name!r}; the transformer has {names}")
-    return adapter_name
+    if len(names) != 1:
+        raise ValueError(f"the transformer has LoRA adapters {names}, not one: add one with add_lora")
+    return names[0]
 
 
-def lora_state_dict(transformer: torch.nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The LoRA weights only, keyed as diffusers' FLUX LoRA loader expects (peft names, no prefix)."""
+def save_lora(transformer: torch.nn.Module, directory: str | os.PathLike, state_dict=None) -> None:
+    """Write the LoRA as a standard diffusers FLUX LoRA (pytorch_lora_weights.safetensors).
+
+    The weights are peft's (get_peft_model_state_dict: LoRA only, keyed as diffusers' FLUX LoRA
+    loader expects, no prefix). Saves the LoraConfig (rank, alpha, targets) as metadata next to the
+    weights: without it, `load_lora_weights` cannot know alpha and silently loads with alpha = rank,
+    i.e. scale 1 instead of alpha / rank (tests/test_flux.py shows it). `state_dict` overrides the
+    weights (e.g. EMA weights with the same keys). Load with `pipe.load_lora_weights(directory)`.
+    """
+    from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
 
     base = _unwrap(transformer)
-    return get_peft_model_state_dict(base, adapter_name=_adapter_name(base, adapter_name))
-
-
-def save_lora(transformer: torch.nn.Module, directory: str | os.PathLike, state_dict=None,
-              adapter_name: str | None = None) -> None:
-    """Write the LoRA as a standard diffusers FLUX LoRA (pytorch_lora_weights.safetensors).
-
-    Saves the LoraConfig (rank, alpha, targets) as metadata next to the weights: without it,
-    `load_lora_weights` cannot know alpha and silently loads with alpha = rank, i.e. scale 1
-    instead of alpha / rank (tests/test_flux.py shows it). `state_dict` overrides the weights
-    (e.g. EMA weights with the keys of `lora_state_dict`).
-    Load with `load_lora(pipe, directory)` or `pipe.load_lora_weights(directory)`.
-    """
-    from diffusers import FluxPipeline
-
-    base = _unwrap(transformer)
-    name = _adapter_name(base, adapter_name)
+    name = _adapter_name(base)
     FluxPipeline.save_lora_weights(
-        str(directory),
-        transformer_lora_layers=lora_state_dict(base, name) if state_dict is None else state_dict,
-        transformer_lora_adapter_metadata=base.peft_config[name].to_dict(),
-    )
-
-
-def load_lora(pipe: "FluxPipeline", directory: str | os.PathLike) -> None:
-    """Load a LoRA saved by `save_lora` (or any diffusers FLUX LoRA) into `pipe.transformer`."""
-    path = str(directory)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"LoRA folder/file {path} does not exist")
-    pipe.load_lora_weights(path)
+        str(directory), transformer_lora_layers=get_peft_model_state_dict(base, adapter_name=name) if state_dict is None
+        else state_dict, transformer_lora_adapter_metadata=base.peft_config[name].to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,9 +208,7 @@ def encode_prompts(pipe: "FluxPipeline", prompts, max_sequence_length: int = 512
     L = max_sequence_length (T5 pads every prompt to it, as FluxPipeline does; 512 by default).
     Encoders kept elsewhere (load_flux(offload_text_encoders=True)) visit `device` for the encode.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     if not 1 <= max_sequence_length <= 512:
@@ -281,22 +219,18 @@ def encode_prompts(pipe: "FluxPipeline", prompts, max_sequence_length: int = 512
         for encoder in visiting:
             encoder.to(device)
         with torch.no_grad():
+            # prompt_2=None: the same text goes to CLIP and to T5, as FluxPipeline does by default
             prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
-                prompt=prompts,
-                prompt_2=None,  # the same text goes to CLIP and to T5, as FluxPipeline does by default
-                device=device,
-                num_images_per_prompt=1,
-                max_sequence_length=max_sequence_length,
-            )
+                prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1,
+                max_sequence_length=max_sequence_length)
     finally:
         for encoder in visiting:  # back to CPU memory: not resident during rollout and update
             encoder.to("cpu")
-    cond = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
-    return cond, text_ids
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}, text_ids
 
 
 # ---------------------------------------------------------------------------------------------
-# Latent layout: VAE latent (N, C, h, w) <-> packed tokens (N, S, 4C)
+# Latent layout: VAE latent (N, C, h, w) <-> packed tokens (N, S, 4C), FluxPipeline's own helpers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -307,30 +241,22 @@ def latent_geometry(pipe: "FluxPipeline", height: int, width: int) -> tuple[int,
     4 * latent_channels each. FluxPipeline silently rounds sizes down to a multiple of
     2 * vae_scale_factor; here a size that is not a multiple is an error.
     """
-    f = pipe.vae_scale_factor
+    f, channels_packed = pipe.vae_scale_factor, _unwrap(pipe.transformer).config.in_channels
     if height <= 0 or width <= 0 or height % (2 * f) or width % (2 * f):
-        raise ValueError(
-            f"height and width must be positive multiples of {2 * f} (2 x vae_scale_factor {f}: the VAE "
-            f"downsamples by {f} and the transformer packs 2x2 latent patches), got {height}x{width}"
-        )
-    latent_h, latent_w = height // f, width // f
-    channels_packed = _unwrap(pipe.transformer).config.in_channels
+        raise ValueError(f"height and width must be positive multiples of {2 * f} (2 x vae_scale_factor {f}: the VAE "
+                         f"downsamples by {f} and the transformer packs 2x2 latent patches), got {height}x{width}")
     if channels_packed != 4 * pipe.vae.config.latent_channels:
-        raise ValueError(
-            f"transformer in_channels {channels_packed} != 4 x VAE latent_channels "
-            f"{pipe.vae.config.latent_channels}: the transformer and VAE do not belong together"
-        )
-    image_seq_len = (latent_h // 2) * (latent_w // 2)
-    return latent_h, latent_w, image_seq_len, channels_packed
+        raise ValueError(f"transformer in_channels {channels_packed} != 4 x VAE latent_channels "
+                         f"{pipe.vae.config.latent_channels}: the transformer and VAE do not belong together")
+    return height // f, width // f, (height // f // 2) * (width // f // 2), channels_packed
 
 
 def token_grid_ids(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """RoPE positions (0, row, column) of a rows x cols grid of packed image tokens, row-major, (S, 3),
-    as FluxPipeline._prepare_latent_image_ids. The first axis (0 here) is shared with text_ids."""
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]  # broadcast over columns
-    ids[..., 2] = torch.arange(cols)[None, :]  # broadcast over rows
-    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)  # (S, 3), row-major
+    """RoPE positions (0, row, column) of a rows x cols grid of packed image tokens, row-major, (S, 3)
+    (FluxPipeline._prepare_latent_image_ids). The first axis (0 here) is shared with text_ids."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._prepare_latent_image_ids(None, rows, cols, device, dtype)  # (S, 3), row-major
 
 
 def image_ids(pipe: "FluxPipeline", height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -339,40 +265,13 @@ def image_ids(pipe: "FluxPipeline", height: int, width: int, device=None, dtype=
     return token_grid_ids(latent_h // 2, latent_w // 2, device=device, dtype=dtype)
 
 
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """VAE latent (N, C, h, w) -> tokens (N, (h/2)(w/2), 4C); each token is one 2x2 patch, its
-    channels ordered (c, dy, dx), as FluxPipeline._pack_latents."""
-    n, c, h, w = x.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"latent height and width must be even to pack 2x2 patches, got {h}x{w}")
-    x = x.view(n, c, h // 2, 2, w // 2, 2)  # (N, C, h/2, dy, w/2, dx)
-    x = x.permute(0, 2, 4, 1, 3, 5)  # (N, h/2, w/2, C, dy, dx)
-    return x.reshape(n, (h // 2) * (w // 2), c * 4)  # (N, S, 4C)
-
-
-def unpack(x: torch.Tensor, latent_h: int, latent_w: int) -> torch.Tensor:
-    """Tokens (N, S, 4C) -> VAE latent (N, C, latent_h, latent_w); inverse of `pack`
-    (FluxPipeline._unpack_latents, with the latent size given instead of the pixel size)."""
-    n, s, c4 = x.shape
-    if s != (latent_h // 2) * (latent_w // 2) or c4 % 4:
-        raise ValueError(f"cannot unpack {tuple(x.shape)} to a {latent_h}x{latent_w} latent")
-    x = x.view(n, latent_h // 2, latent_w // 2, c4 // 4, 2, 2)  # (N, h/2, w/2, C, dy, dx)
-    x = x.permute(0, 3, 1, 4, 2, 5)  # (N, C, h/2, dy, w/2, dx)
-    return x.reshape(n, c4 // 4, latent_h, latent_w)  # (N, C, h, w)
-
-
 # ---------------------------------------------------------------------------------------------
 # The velocity function
 # ---------------------------------------------------------------------------------------------
 
 
-def make_velocity_fn(
-    transformer: torch.nn.Module,
-    text_ids: torch.Tensor,
-    img_ids: torch.Tensor,
-    guidance: float | None = 3.5,
-    dtype: torch.dtype | None = None,
-) -> VelocityFn:
+def make_velocity_fn(transformer: torch.nn.Module, text_ids: torch.Tensor, img_ids: torch.Tensor,
+                     guidance: float | None = 3.5, dtype: torch.dtype | None = None) -> VelocityFn:
     """Wrap the FLUX transformer as `velocity_fn(x, t, cond) -> v` for tree_sampler / tmpo.
 
     x: (N, S, C) packed latents (any float dtype; the sampler keeps fp32),
@@ -396,13 +295,12 @@ def make_velocity_fn(
     """
     base = _unwrap(transformer)
     compute_dtype = dtype if dtype is not None else base.dtype
-    if base.config.guidance_embeds and guidance is None:
-        raise ValueError("this FLUX transformer has a guidance embedding (FLUX.1-dev): pass guidance (e.g. 3.5)")
-    if not base.config.guidance_embeds and guidance is not None:
-        raise ValueError(f"this FLUX transformer has no guidance embedding: pass guidance=None, not {guidance}")
+    if bool(base.config.guidance_embeds) != (guidance is not None):
+        raise ValueError("this FLUX transformer has a guidance embedding (FLUX.1-dev): pass guidance (e.g. 3.5)"
+                         if guidance is None else f"this FLUX transformer has no guidance embedding: pass "
+                         f"guidance=None, not {guidance}")
     if text_ids.ndim != 2 or img_ids.ndim != 2 or text_ids.shape[1] != 3 or img_ids.shape[1] != 3:
-        raise ValueError(f"text_ids and img_ids must be (L, 3) and (S, 3), got {tuple(text_ids.shape)}, "
-                         f"{tuple(img_ids.shape)}")
+        raise ValueError(f"text_ids and img_ids must be (L, 3) and (S, 3), got {tuple(text_ids.shape)}, {tuple(img_ids.shape)}")
 
     def velocity_fn(x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         n, s, _ = x.shape  # (N, S, C)
@@ -414,16 +312,10 @@ def make_velocity_fn(
                              f"and text_ids {tuple(text_ids.shape)}")
         # FluxPipeline: guidance = full([1], scale, fp32).expand(N); the transformer scales it by 1000.
         g = None if guidance is None else torch.full((n,), float(guidance), device=x.device, dtype=torch.float32)
-        v = transformer(
-            hidden_states=x.to(compute_dtype),
-            timestep=t.expand(n).to(compute_dtype),  # (N,) sigma
-            guidance=g,
-            pooled_projections=pooled.to(compute_dtype),
-            encoder_hidden_states=prompt_embeds.to(compute_dtype),
-            txt_ids=text_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]  # (N, S, C)
+        v = transformer(hidden_states=x.to(compute_dtype), timestep=t.expand(n).to(compute_dtype),  # t: (N,) sigma
+                        guidance=g, pooled_projections=pooled.to(compute_dtype),
+                        encoder_hidden_states=prompt_embeds.to(compute_dtype), txt_ids=text_ids, img_ids=img_ids,
+                        return_dict=False)[0]  # (N, S, C)
         return v.to(x.dtype)
 
     return velocity_fn
@@ -437,30 +329,30 @@ def make_velocity_fn(
 def flux_sigmas(pipe: "FluxPipeline", num_steps: int, height: int, width: int) -> torch.Tensor:
     """The (num_steps + 1,) sigma grid, 1 -> 0, FluxPipeline uses at this resolution.
 
+    FluxPipeline's own call, on a copy of the pipeline's scheduler: the uniform grid
+    linspace(1, 1/N, N) and mu = calculate_shift(image_seq_len, ...) through retrieve_timesteps.
     FLUX.1-dev's scheduler shifts the uniform grid by mu = linear in image_seq_len between
     (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift): sigma' =
     e^mu / (e^mu + 1/sigma - 1). At 512x512 (S = 1024): mu = 0.63, sigma = 0.5 moves to 0.65 (more
-    of the steps at high noise); 6 steps give 1, 0.904, 0.790, 0.652, 0.484, 0.273, 0. Read from the pipeline's scheduler config so a differently configured checkpoint
-    gets its own grid; options tree_sampler.sigma_schedule does not implement are an error.
+    of the steps at high noise); 6 steps give 1, 0.904, 0.790, 0.652, 0.484, 0.273, 0. Read from
+    the pipeline's scheduler config, so a differently configured checkpoint gets its own grid
+    (tree_sampler.sigma_schedule is the same formula for the models built without a pipeline); a
+    grid that does not run from pure noise (1) to data (0) is an error.
     """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
     cfg = pipe.scheduler.config
-    unsupported = {k: cfg.get(k) for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-                                          "use_beta_sigmas", "invert_sigmas", "use_flow_sigmas") if cfg.get(k)}
-    if cfg.get("time_shift_type", "exponential") != "exponential":
-        unsupported["time_shift_type"] = cfg.get("time_shift_type")
-    if unsupported:
-        raise ValueError(f"scheduler options not supported by tree_sampler.sigma_schedule: {unsupported}")
-    if cfg.get("use_dynamic_shifting"):
-        _, _, image_seq_len, _ = latent_geometry(pipe, height, width)
-        return tree_sampler.sigma_schedule(
-            num_steps,
-            image_seq_len=image_seq_len,
-            base_seq_len=cfg.get("base_image_seq_len", 256),
-            max_seq_len=cfg.get("max_image_seq_len", 4096),
-            base_shift=cfg.get("base_shift", 0.5),
-            max_shift=cfg.get("max_shift", 1.15),
-        )
-    return tree_sampler.sigma_schedule(num_steps, shift=cfg.get("shift", 1.0))
+    _, _, seq_len, _ = latent_geometry(pipe, height, width)
+    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    scheduler = type(pipe.scheduler).from_config(cfg)  # a copy: set_timesteps changes the scheduler's state
+    uniform = None if cfg.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)  # as FluxPipeline
+    retrieve_timesteps(scheduler, num_steps, "cpu", sigmas=uniform, mu=mu)
+    sigmas = scheduler.sigmas.float()  # (N + 1,)
+    if len(sigmas) != num_steps + 1 or sigmas[0] != 1 or sigmas[-1] != 0 or not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError(f"the scheduler's grid {sigmas.tolist()} does not fall from 1 (noise) to 0 (data) in "
+                         f"{num_steps} steps: the sampler needs one that does (check {type(scheduler).__name__}'s config)")
+    return sigmas
 
 
 def unpacked_latents(pipe: "FluxPipeline", x_packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -473,8 +365,12 @@ def unpacked_latents(pipe: "FluxPipeline", x_packed: torch.Tensor, height: int, 
     healthy, < 0 collapse) make sense; the raw VAE latent is this one divided by scaling_factor
     (0.3611 for FLUX), which would add log(1/0.3611) = +1.02 to every LGMD.
     """
-    latent_h, latent_w, _, _ = latent_geometry(pipe, height, width)
-    return unpack(x_packed, latent_h, latent_w)
+    from diffusers import FluxPipeline
+
+    _, _, seq_len, channels = latent_geometry(pipe, height, width)
+    if x_packed.ndim != 3 or x_packed.shape[1:] != (seq_len, channels):
+        raise ValueError(f"cannot unpack {tuple(x_packed.shape)} to a {height}x{width} image: expected (N, {seq_len}, {channels})")
+    return FluxPipeline._unpack_latents(x_packed, height, width, pipe.vae_scale_factor)  # (N, C, h, w)
 
 
 def decode(pipe: "FluxPipeline", x_packed: torch.Tensor, height: int, width: int,
@@ -508,16 +404,16 @@ GiB = 2**30
 class _Saved:
     """What the pack hook stores in the graph instead of a tensor; its death frees the bytes."""
 
-    __slots__ = ("tensor", "meter", "key")
+    __slots__ = ("tensor", "release")
 
-    def __init__(self, tensor, meter, key):
-        self.tensor, self.meter, self.key = tensor, meter, key
+    def __init__(self, tensor, release):
+        self.tensor, self.release = tensor, release
 
     def __del__(self):
-        self.meter._release(self.key)
+        self.release()
 
 
-class SavedTensorMeter:
+class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
     """Live and peak bytes of the tensors autograd saves for backward (use as a context manager).
 
     A torch.autograd.graph.saved_tensors_hooks pack hook adds a storage's bytes when a tensor of it
@@ -531,35 +427,25 @@ class SavedTensorMeter:
     def __init__(self, exclude=()):
         self.exclude = {t.untyped_storage()._cdata for t in exclude}
         self.live = self.peak = 0
-        self._refs: dict[int, list] = {}  # storage -> [bytes, saved references]
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(
-            self._pack, lambda saved: saved.tensor if isinstance(saved, _Saved) else saved)
+        self._refs = collections.Counter()  # storage -> saved references alive
+        super().__init__(self._pack, lambda saved: saved.tensor if isinstance(saved, _Saved) else saved)
 
     def __enter__(self):
-        self._hooks.__enter__()
+        super().__enter__()
         return self
 
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
     def _pack(self, tensor):
-        storage = tensor.untyped_storage()
-        key = storage._cdata
+        key, nbytes = tensor.untyped_storage()._cdata, tensor.untyped_storage().nbytes()
         if key in self.exclude:
             return tensor
-        entry = self._refs.setdefault(key, [storage.nbytes(), 0])
-        if entry[1] == 0:
-            self.live += entry[0]
-            self.peak = max(self.peak, self.live)
-        entry[1] += 1
-        return _Saved(tensor, self, key)
+        self._count(key, nbytes, 1)
+        return _Saved(tensor, functools.partial(self._count, key, nbytes, -1))
 
-    def _release(self, key):
-        entry = self._refs[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live -= entry[0]
-            del self._refs[key]
+    def _count(self, key, nbytes, step):  # a storage's bytes are live from its first saved reference to its last
+        self._refs[key] += step
+        if self._refs[key] == (step > 0):  # 1 after the first reference, 0 after the last
+            self.live += step * nbytes
+            self.peak = max(self.peak, self.live)
 
 
 class _FlashAttentionOnMeta(torch.overrides.TorchFunctionMode):
@@ -569,12 +455,11 @@ class _FlashAttentionOnMeta(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            a = {**dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args)), **kwargs}
-            if a["query"].device.type == "meta" and a.get("attn_mask") is None:
-                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    a["query"], a["key"], a["value"], a.get("dropout_p", 0.0), a.get("is_causal", False),
-                    scale=a.get("scale"))[0]
+        a = {**dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args)), **kwargs} \
+            if func is torch.nn.functional.scaled_dot_product_attention else {}
+        if a and a["query"].is_meta and a.get("attn_mask") is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                a["query"], a["key"], a["value"], a.get("dropout_p", 0.0), a.get("is_causal", False), scale=a.get("scale"))[0]
         return func(*args, **kwargs)
 
 
@@ -598,7 +483,7 @@ def activation_bytes(transformer: torch.nn.Module, img_ids: torch.Tensor, text_l
         meta = type(base).from_config(base.config)
     meta.to(base.dtype).requires_grad_(False)
     if getattr(base, "peft_config", None):
-        cfg = base.peft_config[_adapter_name(base, None)]
+        cfg = base.peft_config[_adapter_name(base)]
         targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
         add_lora(meta, rank=cfg.r, alpha=cfg.lora_alpha, target_modules=targets)
     c = meta.config

@@ -9,7 +9,9 @@ FLUX evaluation (Sec. 5.1; EQUATIONS.md, "Section 5 / App. D: metrics"):
                             > 0 healthy, < 0 collapse; average it over prompts yourself.
   cosine_diversity(feats)   GARDO's "Cos. Div.": mean over i != j of 1 - cos(f_i, f_j), f = DINOv2
                             ViT-L/14 CLS features of the images of one prompt.
-  load_dinov2(path)         callable: images (N, 3, H, W) in [0, 1] -> (N, F) CLS features.
+  load_dinov2(path)         callable: images (N, 3, H, W) in [0, 1] -> (N, F) CLS features
+                            (transformers' own DINOv2 model and image processor).
+  check_images(images)      the input check of every image scorer (rewards.py uses it too).
 
 2-D toy (used by toy/compare_modes.py; a "mode" is a Gaussian bump of the reward / data mixture):
   assign_modes, mode_masses, mode_entropy, within_mode_spread, mean_log_pairwise_distance,
@@ -49,7 +51,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # A high-reward mode counts as "covered" when it holds at least this fraction of the samples.
 # 5% = 1/20: with the toy's few high-reward modes, a mode under 5% is visibly abandoned.
@@ -58,42 +59,51 @@ COVERED_MASS = 0.05
 # DINOv2's image processor (preprocessor_config.json of facebook/dinov2-{small,base,large,giant}):
 # BitImageProcessor, shortest_edge 256, bicubic (PIL resample 3), center crop 224x224,
 # rescale 1/255, ImageNet mean / std.
-DINO_RESIZE_SHORTEST_EDGE = 256
-DINO_CROP = 224
-DINO_MEAN = (0.485, 0.456, 0.406)
-DINO_STD = (0.229, 0.224, 0.225)
+DINO_PROCESSOR = dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 DINO_DEFAULT_ID = "facebook/dinov2-large"
+
+
+def need(ok, message: str, error=ValueError) -> None:
+    """Raise `error(message)` unless `ok`: every check fails early, before any work, saying what to fix."""
+    if not ok:
+        raise error(message)
+
+
+def check_images(images, what: str = "images") -> None:
+    """Fail early, with what to fix, on images that are not a float (N, 3, H, W) tensor in [0, 1]
+    (the layout of flux.decode; every reward in rewards.py and the DINOv2 features read it)."""
+    is_4d = isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3
+    need(is_4d, f"{what} must be a tensor (N, 3, H, W); got "
+                f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    need(images.is_floating_point(), f"{what} must be floating point in [0, 1] (divide uint8 by 255); got {images.dtype}")
+    need(torch.isfinite(images).all(), f"{what} contain NaN or inf")
+    lo, hi = images.min().item(), images.max().item()
+    need(0.0 <= lo and hi <= 1.0, f"{what} must lie in [0, 1] (decode with (x / 2 + 0.5).clamp(0, 1)); "
+                                  f"got min {lo:.4f}, max {hi:.4f}")
 
 
 def _as_float64(x, name: str, min_ndim: int = 1) -> torch.Tensor:
     """Tensor / ndarray / list -> float64 tensor (same device for tensors); reject non-finite input."""
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    t = t.detach().to(torch.float64)
-    if t.ndim < min_ndim:
-        raise ValueError(f"{name}: expected at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name}: contains NaN or inf; fix the producer of these values, not the metric")
+    t = (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).detach().to(torch.float64)
+    need(t.ndim >= min_ndim, f"{name}: expected at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    need(torch.isfinite(t).all(), f"{name}: contains NaN or inf; fix the producer of these values, not the metric")
     return t
 
 
 def _points(x, name: str) -> torch.Tensor:
     t = _as_float64(x, name, min_ndim=2)
-    if t.ndim != 2:
-        raise ValueError(f"{name}: expected (N, D) points, got shape {tuple(t.shape)}")
-    if t.shape[0] == 0:
-        raise ValueError(f"{name}: no points (N = 0)")
+    need(t.ndim == 2, f"{name}: expected (N, D) points, got shape {tuple(t.shape)}")
+    need(t.shape[0] > 0, f"{name}: no points (N = 0)")
     return t
 
 
 def _masses(p, name: str) -> torch.Tensor:
     """A probability vector over modes: (M,), non-negative, sums to 1."""
     t = _as_float64(p, name)
-    if t.ndim != 1:
-        raise ValueError(f"{name}: expected (M,) mode masses, got shape {tuple(t.shape)}")
-    if (t < 0).any():
-        raise ValueError(f"{name}: negative mass {t.min().item()}")
-    if abs(t.sum().item() - 1.0) > 1e-5:
-        raise ValueError(f"{name}: masses must sum to 1, got {t.sum().item()}")
+    need(t.ndim == 1, f"{name}: expected (M,) mode masses, got shape {tuple(t.shape)}")
+    need(not (t < 0).any(), f"{name}: negative masses {t[t < 0].tolist()}")
+    need(abs(t.sum().item() - 1.0) <= 1e-5, f"{name}: masses must sum to 1, got {t.sum().item()}")
     return t
 
 
@@ -115,26 +125,19 @@ def lgmd(latents) -> float:
     """
     z = _as_float64(latents, "lgmd latents", min_ndim=2)
     n = z.shape[0]
-    if n < 2:
-        raise ValueError(f"lgmd needs N >= 2 samples of one prompt, got N = {n}")
+    need(n >= 2, f"lgmd needs N >= 2 samples of one prompt, got N = {n}")
     z = z.reshape(n, -1)  # (N, d)
-    d = z.shape[1]
     # Sum of log distances over i < j, by blocks of rows so that N = 10^4 toy points do not
     # allocate an N x N matrix at once. cdist without the matmul trick: exact zeros for duplicates
     # and no cancellation error for close points.
-    block = max(1, (1 << 22) // n)
-    total = 0.0
+    block, total = max(1, (1 << 22) // n), 0.0
     for a in range(0, n - 1, block):
-        b = min(a + block, n)
-        dist = torch.cdist(z[a:b], z, compute_mode="donot_use_mm_for_euclid_dist")  # (b-a, N)
-        rows = torch.arange(a, b, device=z.device)[:, None]  # (b-a, 1)
-        cols = torch.arange(n, device=z.device)[None, :]  # (1, N)
-        pair = dist[cols > rows]  # entries with j > i, flattened
+        dist = torch.cdist(z[a:a + block], z[a + 1:], compute_mode="donot_use_mm_for_euclid_dist")  # (b, N - a - 1)
+        pair = dist[torch.ones_like(dist, dtype=torch.bool).triu()]  # row r is i = a + r, column c is j = a + 1 + c: j > i
         if (pair == 0).any():
             return float("-inf")
         total += torch.log(pair).sum().item()
-    num_pairs = n * (n - 1) / 2
-    return total / num_pairs - 0.5 * math.log(d)  # mean log ||z_i - z_j|| - log sqrt(d)
+    return total / (n * (n - 1) / 2) - 0.5 * math.log(z.shape[1])  # mean log ||z_i - z_j|| - log sqrt(d)
 
 
 def cosine_diversity(features) -> float:
@@ -144,84 +147,12 @@ def cosine_diversity(features) -> float:
     mutually orthogonal -> 1, range [0, 2].
     """
     f = _points(features, "cosine_diversity features")
-    n = f.shape[0]
-    if n < 2:
-        raise ValueError(f"cosine_diversity needs N >= 2 feature vectors, got N = {n}")
-    norms = f.norm(dim=1)  # (N,)
-    if (norms == 0).any():
-        raise ValueError("cosine_diversity: a feature vector is all zeros, its cosine is undefined")
+    n, norms = f.shape[0], f.norm(dim=1)  # norms: (N,)
+    need(n >= 2, f"cosine_diversity needs N >= 2 feature vectors, got N = {n}")
+    need(not (norms == 0).any(), "cosine_diversity: a feature vector is all zeros, its cosine is undefined")
     u = f / norms[:, None]  # (N, F) unit vectors
     cos = u @ u.T  # (N, N)
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=f.device)
-    return (1.0 - cos[off_diag]).mean().item()
-
-
-def dinov2_preprocess(images: torch.Tensor) -> torch.Tensor:
-    """DINOv2's image processor in torch: (N, 3, H, W) in [0, 1] -> (N, 3, 224, 224) normalised.
-
-    Same steps as the BitImageProcessor config shipped with facebook/dinov2-*:
-      1. resize so the shorter side is 256, the longer int(256 * long / short), bicubic with
-         antialiasing (torch's antialiased bicubic uses PIL's kernel, a = -0.5);
-      2. clamp to [0, 1]: the processors resize uint8 images, whose bicubic overshoot clips;
-      3. center crop 224 x 224, top / left offset (size - 224) // 2 as transformers' center_crop;
-      4. (x - ImageNet mean) / ImageNet std.
-    It matches transformers' PIL ("slow") processor up to that processor's uint8 rounding (which it
-    applies after each resize pass as well, so on noise-like images the two differ by a few
-    levels, on smooth images by about one level); we stay in float on purpose.
-    """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if hasattr(images, "shape") else type(images)
-        raise ValueError(f"DINOv2 expects images as a (N, 3, H, W) tensor, got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"DINOv2 expects float images in [0, 1], got dtype {images.dtype} (divide uint8 by 255)")
-    if not torch.isfinite(images).all():
-        raise ValueError("DINOv2 input images contain NaN or inf")
-    lo, hi = images.min().item(), images.max().item()
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(
-            f"DINOv2 expects images in [0, 1], got range [{lo:.4f}, {hi:.4f}]; "
-            "for VAE decodes in [-1, 1] pass (x / 2 + 0.5).clamp(0, 1)"
-        )
-    x = images.to(torch.float32)
-    h, w = x.shape[-2:]
-    short, long = min(h, w), max(h, w)
-    new_short, new_long = DINO_RESIZE_SHORTEST_EDGE, int(DINO_RESIZE_SHORTEST_EDGE * long / short)
-    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
-    if new_h < DINO_CROP or new_w < DINO_CROP:  # cannot happen with 256 > 224; guards edits of the constants
-        raise ValueError(f"resized size {(new_h, new_w)} is smaller than the {DINO_CROP} crop")
-    x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-    x = x.clamp(0.0, 1.0)
-    top, left = (new_h - DINO_CROP) // 2, (new_w - DINO_CROP) // 2
-    x = x[:, :, top : top + DINO_CROP, left : left + DINO_CROP]  # (N, 3, 224, 224)
-    mean = torch.tensor(DINO_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(DINO_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def _check_preprocessor_config(folder: str) -> None:
-    """A local checkpoint that ships a different preprocessing is not the DINOv2 the metric means."""
-    cfg_path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(cfg_path):
-        return  # weights-only folder: the preprocessing is the DINOv2 definition above
-    with open(cfg_path) as fh:
-        cfg = json.load(fh)
-    expected = {
-        "size": {"shortest_edge": DINO_RESIZE_SHORTEST_EDGE},
-        "crop_size": {"height": DINO_CROP, "width": DINO_CROP},
-        "resample": 3,  # PIL bicubic
-        "image_mean": list(DINO_MEAN),
-        "image_std": list(DINO_STD),
-    }
-    for key, want in expected.items():
-        got = cfg.get(key)
-        same = got == want
-        if key in ("image_mean", "image_std") and got is not None:
-            same = len(got) == 3 and all(abs(g - w) < 1e-6 for g, w in zip(got, want))
-        if not same:
-            raise ValueError(
-                f"{cfg_path}: {key} = {got}, but DINOv2's processor (which this metric implements) "
-                f"uses {want}; point load_dinov2 at an unmodified facebook/dinov2-* folder"
-            )
+    return (1.0 - cos[~torch.eye(n, dtype=torch.bool, device=f.device)]).mean().item()  # off the diagonal: i != j
 
 
 def load_dinov2(path_or_id: str = DINO_DEFAULT_ID, device="cpu", dtype=torch.float32, batch_size: int = 32):
@@ -232,44 +163,54 @@ def load_dinov2(path_or_id: str = DINO_DEFAULT_ID, device="cpu", dtype=torch.flo
     The feature is the CLS token of `Dinov2Model`'s last_hidden_state, which Dinov2Model has
     already passed through its final layernorm (`sequence_output = self.layernorm(...)`); its
     pooler_output is that same token, so either gives the same vector (the tests check both).
-    images: (N, 3, H, W) float in [0, 1], any size; preprocessing = `dinov2_preprocess`.
+    images: (N, 3, H, W) float in [0, 1], any size. Preprocessing is transformers' own DINOv2
+    processor (BitImageProcessor with DINO_PROCESSOR, PIL backend: no torchvision): the images are
+    quantised to uint8, as every reward sees them, then the shorter side resized to 256 (bicubic),
+    center-cropped to 224 x 224 and normalised with ImageNet's mean / std. A folder that ships a
+    different preprocessing is refused: it would not be the DINOv2 the metric means.
     batch_size: images per forward pass.
     """
+    from pathlib import Path
+
     from transformers import Dinov2Model  # lazy: the toy imports this module without transformers
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
     how_to_get = (
         f"download it on a machine with internet, e.g. `hf download {DINO_DEFAULT_ID} --local-dir "
         f"/models/dinov2-large` (older huggingface_hub: `huggingface-cli download ...`), copy the folder "
         "here and pass its path"
     )
-    looks_local = os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or os.path.exists(path_or_id)
-    if looks_local:
-        folder = os.path.expanduser(path_or_id)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"DINOv2 folder {folder!r} does not exist; {how_to_get}")
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise FileNotFoundError(f"DINOv2 folder {folder!r} has no config.json (not a model folder); {how_to_get}")
-        _check_preprocessor_config(folder)
+    need(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    folder = os.path.expanduser(path_or_id)
+    if os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or os.path.exists(path_or_id):  # local
+        need(os.path.isdir(folder), f"DINOv2 folder {folder!r} does not exist; {how_to_get}", FileNotFoundError)
+        need(os.path.isfile(os.path.join(folder, "config.json")),
+             f"DINOv2 folder {folder!r} has no config.json (not a model folder); {how_to_get}", FileNotFoundError)
+        cfg_path = Path(folder, "preprocessor_config.json")  # absent in a weights-only folder: fine
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        for key, want in DINO_PROCESSOR.items():
+            need(cfg.get(key, want) == want, f"{cfg_path}: {key} = {cfg.get(key)}, but DINOv2's processor (which this "
+                                             f"metric uses) has {want}; point load_dinov2 at an unmodified facebook/dinov2-* folder")
     try:
         model = Dinov2Model.from_pretrained(path_or_id)
     except OSError as err:
         raise OSError(f"could not load DINOv2 from {path_or_id!r} ({err}); {how_to_get}") from err
-    if model.config.model_type != "dinov2":
-        raise ValueError(f"{path_or_id!r} holds a {model.config.model_type!r} model, expected 'dinov2'")
+    need(model.config.model_type == "dinov2", f"{path_or_id!r} holds a {model.config.model_type!r} model, expected 'dinov2'")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    processor = BitImageProcessorPil(**DINO_PROCESSOR)
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
-        pixels = dinov2_preprocess(images)  # (N, 3, 224, 224) float32, checks the input
+        check_images(images, "DINOv2 input images")
+        u8 = (images.detach().float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+        pixels = processor(images=list(u8), return_tensors="pt").pixel_values  # (N, 3, 224, 224) float32
         out = []
         for chunk in pixels.split(batch_size):
             hidden = model(pixel_values=chunk.to(device=device, dtype=dtype)).last_hidden_state  # (n, 1+P, F)
             out.append(hidden[:, 0].float())  # CLS token, already layer-normed
         return torch.cat(out)  # (N, F)
 
-    features.model = model  # exposed for inspection (e.g. the feature width model.config.hidden_size)
+    features.model, features.processor = model, processor  # exposed for inspection and the tests
     return features
 
 
@@ -281,10 +222,8 @@ def load_dinov2(path_or_id: str = DINO_DEFAULT_ID, device="cpu", dtype=torch.flo
 def assign_modes(x, centers) -> torch.Tensor:
     """Index of the nearest center for each point: x (N, 2), centers (M, 2) -> (N,) long."""
     x, c = _points(x, "x"), _points(centers, "centers")
-    if x.shape[1] != c.shape[1]:
-        raise ValueError(f"x has dimension {x.shape[1]} but centers have {c.shape[1]}")
-    c = c.to(x.device)
-    return torch.cdist(x, c, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)  # (N,)
+    need(x.shape[1] == c.shape[1], f"x has dimension {x.shape[1]} but centers have {c.shape[1]}")
+    return torch.cdist(x, c.to(x.device), compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)  # (N,)
 
 
 def mode_masses(x, centers) -> torch.Tensor:
@@ -297,15 +236,11 @@ def mode_masses(x, centers) -> torch.Tensor:
 
 def _mode_index(modes, num_modes: int) -> torch.Tensor:
     idx = modes.detach().cpu() if isinstance(modes, torch.Tensor) else torch.as_tensor(np.asarray(modes))
-    if idx.is_floating_point():
-        raise ValueError(f"modes must be integer indices, got dtype {idx.dtype}")
+    need(not idx.is_floating_point(), f"modes must be integer indices, got dtype {idx.dtype}")
     idx = idx.to(torch.long).reshape(-1)
-    if idx.numel() == 0:
-        raise ValueError("modes is empty")
-    if idx.min() < 0 or idx.max() >= num_modes:
-        raise ValueError(f"modes {idx.tolist()} out of range for {num_modes} modes")
-    if idx.unique().numel() != idx.numel():
-        raise ValueError(f"modes {idx.tolist()} contains duplicates")
+    need(idx.numel() > 0, "modes is empty")
+    need(0 <= idx.min() and idx.max() < num_modes, f"modes {idx.tolist()} out of range for {num_modes} modes")
+    need(idx.unique().numel() == idx.numel(), f"modes {idx.tolist()} contains duplicates")
     return idx
 
 
@@ -319,13 +254,11 @@ def mode_entropy(masses, modes) -> float:
     """
     m = _masses(masses, "masses")
     idx = _mode_index(modes, m.shape[0]).to(m.device)
-    if idx.numel() < 2:
-        raise ValueError(f"mode_entropy needs at least 2 modes, got {idx.tolist()}")
+    need(idx.numel() >= 2, f"mode_entropy needs at least 2 modes, got {idx.tolist()}")
     sub = m[idx]  # (|modes|,)
-    total = sub.sum()
-    if total == 0:
+    if sub.sum() == 0:
         return 0.0
-    p = sub / total
+    p = sub / sub.sum()
     h = -torch.xlogy(p, p).sum()  # 0 log 0 = 0
     return (h / math.log(idx.numel())).item()
 
@@ -340,15 +273,11 @@ def within_mode_spread(x, centers) -> float:
     """
     xs = _points(x, "x")
     idx = assign_modes(xs, centers)  # (N,)
-    spreads = []
-    for m in idx.unique().tolist():
-        pts = xs[idx == m]  # (n_m, D)
-        if pts.shape[0] < 2:
-            continue
-        dev = pts - pts.mean(dim=0, keepdim=True)  # (n_m, D)
-        spreads.append(dev.pow(2).sum(dim=1).mean().sqrt().item())
-    if not spreads:
-        raise ValueError("within_mode_spread: no mode holds 2 or more samples; use more samples")
+    groups = [xs[idx == m] for m in idx.unique().tolist()]  # (n_m, D) each
+    # RMS distance of a mode's samples to their own mean; dev = pts - mean broadcasts the (1, D) mean over n_m rows
+    spreads = [(pts - pts.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean().sqrt().item() for pts in groups
+               if pts.shape[0] >= 2]
+    need(spreads, "within_mode_spread: no mode holds 2 or more samples; use more samples")
     return float(np.mean(spreads))
 
 
@@ -361,18 +290,15 @@ def mean_log_pairwise_distance(x) -> float:
 def total_variation(p, q) -> float:
     """TV distance between two mode-mass vectors: 0.5 * sum_m |p_m - q_m|, in [0, 1]."""
     p, q = _masses(p, "p"), _masses(q, "q")
-    if p.shape != q.shape:
-        raise ValueError(f"p has {p.shape[0]} modes, q has {q.shape[0]}")
+    need(p.shape == q.shape, f"p has {p.shape[0]} modes, q has {q.shape[0]}")
     return 0.5 * (p - q.to(p.device)).abs().sum().item()
 
 
 def tilt_weights(base_rewards, beta: float) -> torch.Tensor:
     """(N,) float64 self-normalised weights of base samples under q ~ p_base exp(beta R)."""
     r = _as_float64(base_rewards, "base_rewards")
-    if r.ndim != 1 or r.numel() == 0:
-        raise ValueError(f"base_rewards: expected (N,) with N >= 1, got shape {tuple(r.shape)}")
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be finite, got {beta}")
+    need(r.ndim == 1 and r.numel() > 0, f"base_rewards: expected (N,) with N >= 1, got shape {tuple(r.shape)}")
+    need(math.isfinite(beta), f"beta must be finite, got {beta}")
     # Self-normalised importance weights of q(x) ~ p_base(x) exp(beta R(x)) w.r.t. p_base:
     # w_i = exp(beta R_i) / sum_j exp(beta R_j), the Boltzmann target of Sec. 4.1 on base samples.
     return torch.softmax(beta * r, dim=0)  # (N,)
@@ -387,11 +313,10 @@ def tilted_mode_masses(base_x, base_rewards, beta: float, centers) -> torch.Tens
     """
     xs = _points(base_x, "base_x")
     w = tilt_weights(base_rewards, beta)  # (N,)
-    if w.shape[0] != xs.shape[0]:
-        raise ValueError(f"base_x has {xs.shape[0]} samples but base_rewards has {w.shape[0]}")
-    num_modes = _points(centers, "centers").shape[0]
+    need(w.shape[0] == xs.shape[0], f"base_x has {xs.shape[0]} samples but base_rewards has {w.shape[0]}")
     idx = assign_modes(xs, centers)  # (N,)
-    return torch.zeros(num_modes, dtype=torch.float64, device=w.device).index_add_(0, idx.to(w.device), w)
+    return torch.zeros(_points(centers, "centers").shape[0], dtype=torch.float64, device=w.device).index_add_(
+        0, idx.to(w.device), w)  # (M,): the weights of the samples nearest to each mode
 
 
 def tilted_ess(base_rewards, beta: float) -> float:
@@ -415,8 +340,7 @@ def toy_mode_metrics(x, rewards, centers, high_modes, target_masses) -> dict:
     """
     xs = _points(x, "x")
     r = _as_float64(rewards, "rewards")
-    if r.ndim != 1 or r.shape[0] != xs.shape[0]:
-        raise ValueError(f"rewards must be (N,) = ({xs.shape[0]},), got shape {tuple(r.shape)}")
+    need(r.ndim == 1 and r.shape[0] == xs.shape[0], f"rewards must be (N,) = ({xs.shape[0]},), got shape {tuple(r.shape)}")
     masses = mode_masses(xs, centers)  # (M,)
     high = _mode_index(high_modes, masses.shape[0])
     return {

@@ -49,11 +49,11 @@ import numbers
 import os
 import pickle
 import time
-from collections import Counter
 from typing import Callable, Sequence
 
 import torch
 
+from metrics import check_images, need
 from tmpo import group_zscore
 
 REWARDS = ("pickscore", "hps", "imagereward", "geneval", "ocr")
@@ -77,25 +77,13 @@ ZSCORE_EPS = 1e-4  # eps of the within-group z-score (App. D.2), as Flow-GRPO's 
 
 
 def check_inputs(images: torch.Tensor, prompts: Sequence[str], metadata=None) -> None:
-    """Fail early, with what to fix, on anything a reward cannot score."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a tensor (N, 3, H, W); got {got}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point in [0, 1]; got dtype {images.dtype}")
-    if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-        raise ValueError(f"need one prompt per image: {images.shape[0]} images, prompts={prompts!r:.200}")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be strings")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf")
-    lo, hi = images.min().item(), images.max().item()
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(
-            f"images must lie in [0, 1] (decode with (x / 2 + 0.5).clamp(0, 1)); got min {lo:.4f}, max {hi:.4f}"
-        )
-    if metadata is not None and (len(metadata) != len(prompts) or not all(isinstance(m, dict) for m in metadata)):
-        raise ValueError("metadata must be None or a list of one dict per image")
+    """Fail early, with what to fix, on anything a reward cannot score (images: metrics.check_images)."""
+    check_images(images)
+    need(not isinstance(prompts, str) and len(prompts) == images.shape[0],
+         f"need one prompt per image: {images.shape[0]} images, prompts={prompts!r:.200}")
+    need(all(isinstance(p, str) for p in prompts), "prompts must be strings")
+    need(metadata is None or (len(metadata) == len(prompts) and all(isinstance(m, dict) for m in metadata)),
+         "metadata must be None or a list of one dict per image")
 
 
 def check_finite(name: str, scores: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -134,24 +122,18 @@ def clip_pixels(pil_images: list, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> to
     for im in pil_images:
         w, h = im.size
         # Resize(int): the shorter side becomes `size`, the longer keeps the aspect ratio (truncated).
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = size, int(size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            im = im.resize((new_w, new_h), Image.BICUBIC)
+        new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        im = im if (new_w, new_h) == (w, h) else im.resize((new_w, new_h), Image.BICUBIC)
         # CenterCrop: torchvision rounds the offsets to the nearest integer.
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         im = im.crop((left, top, left + size, top + size))
         out.append(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0))  # (size, size, 3)
     x = torch.stack(out).permute(0, 3, 1, 2)  # (N, size, size, 3) -> (N, 3, size, size)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # (3,) broadcast per channel
 
 
 def _chunks(n: int, batch_size: int):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    need(batch_size >= 1, f"batch_size must be >= 1; got {batch_size}")
     for s in range(0, n, batch_size):
         yield slice(s, min(n, s + batch_size))
 
@@ -180,16 +162,13 @@ def converted_folder(path, name: str) -> tuple[str, dict]:
     path = None if path is None else os.fspath(path)
     given = path if path is not None and os.path.isfile(path) else ckpt  # a file is most likely the checkpoint itself
     how = f"Convert the official {ckpt} once: python {script} --checkpoint {given} --out DIR, and pass DIR"
-    if path is None:
-        raise FileNotFoundError(f"the {name} reward loads a converted transformers folder. {how}")
-    if not os.path.isfile(os.path.join(path, "reward.json")):
-        state = ("is a file" if os.path.isfile(path) else "has no reward.json" if os.path.isdir(path)
-                 else "does not exist")
-        raise FileNotFoundError(f"{name} path {path} {state}: not a folder written by {script}. {how}")
+    need(path is not None, f"the {name} reward loads a converted transformers folder. {how}", FileNotFoundError)
+    state = "is a file" if os.path.isfile(path) else "has no reward.json" if os.path.isdir(path) else "does not exist"
+    need(os.path.isfile(os.path.join(path, "reward.json")), f"{name} path {path} {state}: not a folder written by "
+                                                            f"{script}. {how}", FileNotFoundError)
     with open(os.path.join(path, "reward.json")) as f:
         info = json.load(f)
-    if info.get("reward") != name:
-        raise ValueError(f"{path} is a converted '{info.get('reward')}' folder, not {name}")
+    need(info.get("reward") == name, f"{path} is a converted '{info.get('reward')}' folder, not {name}")
     return path, info
 
 
@@ -217,9 +196,8 @@ class PickScore:
         out = []
         for sl in _chunks(len(prompts), self.batch_size):
             pixels = self.processor.image_processor(images=to_pil(images[sl]), return_tensors="pt")["pixel_values"]
-            text = self.processor.tokenizer(
-                list(prompts[sl]), padding=True, truncation=True, max_length=77, return_tensors="pt"
-            ).to(device)
+            text = self.processor.tokenizer(list(prompts[sl]), padding=True, truncation=True, max_length=77,
+                                            return_tensors="pt").to(device)
             img = m.visual_projection(m.vision_model(pixel_values=pixels.to(device, dtype)).pooler_output)
             txt = m.text_projection(m.text_model(**text).pooler_output)
             out.append(m.logit_scale.float().exp() * _cosine(img, txt))
@@ -236,8 +214,7 @@ def load_pickscore(path=None, device="cpu", dtype=torch.float32, processor_path=
     path = os.fspath(path or PICKSCORE_ID)
     if processor_path is None:
         # preprocessor_config.json (transformers 4) or processor_config.json (transformers 5) holds the image settings.
-        has_processor = any(os.path.isfile(os.path.join(path, n)) for n in ("preprocessor_config.json",
-                                                                             "processor_config.json"))
+        has_processor = any(os.path.isfile(os.path.join(path, n)) for n in ("preprocessor_config.json", "processor_config.json"))
         processor_path = path if has_processor else LAION_CLIP_H
     model = _from_pretrained(CLIPModel, path, "PickScore", f"Get it with: hf download {PICKSCORE_ID} "
                              "--local-dir DIR, and pass DIR", dtype=dtype)
@@ -277,9 +254,8 @@ class HPSv21:
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         # open_clip's tokenizer pads to the context length and ends every row with EOT, truncating long prompts.
-        return self.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
-        )["input_ids"]
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.context_length,
+                              return_tensors="pt")["input_ids"]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata=None) -> torch.Tensor:
@@ -325,9 +301,8 @@ class ImageReward:
         self.image_size, self.batch_size = vision.config.image_size, batch_size
 
     def tokenize(self, prompts: Sequence[str]) -> dict:
-        return self.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
 
     def raw_score(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The MLP output before standardisation, (n,)."""
@@ -336,10 +311,9 @@ class ImageReward:
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
         # is_decoder=False: bidirectional self-attention, then cross-attention to the patches
         # (med.py's BertModel in mode "multimodal").
-        hidden = self.text(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, is_decoder=False,
-        ).last_hidden_state  # (n, 35, Wt)
+        hidden = self.text(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                           is_decoder=False).last_hidden_state  # (n, 35, Wt)
         return self.head(hidden[:, 0].float()).squeeze(-1)  # [CLS] state -> (n,), in float32 as ImageReward
 
     @torch.no_grad()
@@ -423,10 +397,9 @@ class GenEvalClient:
                  retries: int = GENEVAL_RETRIES, deadline: float = GENEVAL_DEADLINE, backoff: float = 1.0,
                  batch_size: int = 64):
         for arg, v in (("timeout", timeout), ("deadline", deadline), ("backoff", backoff)):
-            if not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or (v == 0 and arg != "backoff"):
-                raise ValueError(f"GenEval {arg} must be a finite number of seconds (> 0; backoff >= 0); got {v!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"GenEval retries must be an integer >= 0; got {retries!r}")
+            need(isinstance(v, numbers.Real) and math.isfinite(v) and (v > 0 or (v == 0 and arg == "backoff")),
+                 f"GenEval {arg} must be a finite number of seconds (> 0; backoff >= 0); got {v!r}")
+        need(isinstance(retries, int) and retries >= 0, f"GenEval retries must be an integer >= 0; got {retries!r}")
         self.url, self.strict, self.timeout, self.retries = url, strict, float(timeout), retries
         self.deadline, self.backoff, self.batch_size = float(deadline), float(backoff), batch_size
         self.field = "strict_rewards" if strict else "scores"
@@ -441,13 +414,12 @@ class GenEvalClient:
         import requests
         from urllib.parse import urlsplit
 
-        u = urlsplit(self.url)
         try:
+            u = urlsplit(self.url)
             ok = u.scheme in ("http", "https") and bool(u.hostname) and u.port is not None
         except ValueError:  # a port that is not a number
             ok = False
-        if not ok:
-            raise ValueError(f"GenEval server URL must look like http://HOST:PORT; got {self.url!r}")
+        need(ok, f"GenEval server URL must look like http://HOST:PORT; got {self.url!r}")
         try:
             requests.get(self.url, timeout=min(self.timeout, CONNECT_TIMEOUT)).close()
         except requests.RequestException as e:
@@ -476,40 +448,32 @@ class GenEvalClient:
             last = f"HTTP {r.status_code}: {lines[-1][:300] if lines else '(empty body)'}"
             if r.status_code < 500:  # a client error: retrying the same request cannot help
                 break
-        raise RewardServerError(
-            f"GenEval server at {self.url} failed after {tries} attempt(s) (timeout {self.timeout:g} s per request, "
-            f"{self.retries} retries, deadline {self.deadline:g} s per call); last error: {last}. {SERVER_HINT}"
-        )
+        raise RewardServerError(f"GenEval server at {self.url} failed after {tries} attempt(s) (timeout {self.timeout:g} s "
+                                f"per request, {self.retries} retries, deadline {self.deadline:g} s per call); last error: "
+                                f"{last}. {SERVER_HINT}")
 
     def _scores(self, content: bytes, n: int) -> list:
         """The `field` list of a 200 reply, checked: n real numbers, else an error showing what came back."""
         try:
             reply = pickle.loads(content)  # trusted server only: see the class docstring
         except Exception as e:  # HTML from a proxy, another service on the port, a truncated body...
-            raise RewardServerError(
-                f"GenEval server at {self.url} replied 200 with something that is not a pickled reply "
-                f"({type(e).__name__}); it began {content[:200]!r}. Is {self.url} the GenEval reward server?"
-            ) from None
+            raise RewardServerError(f"GenEval server at {self.url} replied 200 with something that is not a pickled "
+                                    f"reply ({type(e).__name__}); it began {content[:200]!r}. Is {self.url} the GenEval "
+                                    "reward server?") from None
         values = reply.get(self.field) if isinstance(reply, dict) else None
-        if not isinstance(values, (list, tuple)) or len(values) != n:
-            raise RewardServerError(
-                f"GenEval server at {self.url} sent no list of {n} '{self.field}' for {n} images: {str(reply)[:300]}"
-            )
+        need(isinstance(values, (list, tuple)) and len(values) == n, f"GenEval server at {self.url} sent no list of {n} "
+             f"'{self.field}' for {n} images: {str(reply)[:300]}", RewardServerError)
         bad = [(i, v) for i, v in enumerate(values) if not isinstance(v, numbers.Real)]
         if bad:
-            raise RewardServerError(
-                f"GenEval server at {self.url} sent '{self.field}'[{bad[0][0]}] = {bad[0][1]!r}, not a number "
-                f"({len(bad)} of {n} entries): {str(reply)[:300]}"
-            )
+            raise RewardServerError(f"GenEval server at {self.url} sent '{self.field}'[{bad[0][0]}] = {bad[0][1]!r}, not a "
+                                    f"number ({len(bad)} of {n} entries): {str(reply)[:300]}")
         return [float(v) for v in values]
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata=None) -> torch.Tensor:
         check_inputs(images, prompts, metadata)
-        if metadata is None or any(k not in m for m in metadata for k in ("tag", "prompt", "include")):
-            raise ValueError(
-                "the geneval reward needs each prompt's GenEval metadata (a dict with 'tag', 'prompt', 'include', "
-                "as in GenEval's evaluation_metadata.jsonl)"
-            )
+        need(metadata is not None and all(k in m for m in metadata for k in ("tag", "prompt", "include")),
+             "the geneval reward needs each prompt's GenEval metadata (a dict with 'tag', 'prompt', 'include', as in "
+             "GenEval's evaluation_metadata.jsonl)")
         give_up_at = time.monotonic() + self.deadline
         scores = []
         for sl in _chunks(len(prompts), self.batch_size):
@@ -545,11 +509,8 @@ def quoted_text(prompt: str) -> str:
     """The text to render: what stands between the first pair of double quotes (Flow-GRPO's OCR prompts,
     e.g. 'A neon sign reading "OPEN LATE" above a door')."""
     parts = prompt.split('"')
-    if len(parts) < 3 or not parts[1].strip():
-        raise ValueError(
-            "the ocr reward needs the target text in double quotes in the prompt, "
-            f"e.g. 'a sign that says \"hello\"'; got {prompt!r}"
-        )
+    need(len(parts) >= 3 and parts[1].strip(), "the ocr reward needs the target text in double quotes in the prompt, "
+                                                f"e.g. 'a sign that says \"hello\"'; got {prompt!r}")
     return parts[1]
 
 
@@ -561,8 +522,7 @@ def ocr_similarity(recognized: str, target: str) -> float:
     characters are not forgiven (it scores 1 whenever the target is a substring): normalising by
     the longer string is the standard NED and penalises spurious text."""
     a, b = "".join(recognized.lower().split()), "".join(target.lower().split())
-    if not b:
-        raise ValueError("empty OCR target text")
+    need(b, "empty OCR target text")
     return 1.0 - levenshtein(a, b) / max(len(a), len(b))
 
 
@@ -607,46 +567,35 @@ def load_reward(name: str, path=None, device="cpu", dtype=torch.float32, **kw) -
     `path`: see the module docstring (geneval: the server URL; ocr: none). Extra keywords go to
     the reward: batch_size for every model-based reward and geneval; pickscore processor_path;
     geneval strict, timeout, retries, deadline, backoff (GenEvalClient)."""
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward '{name}'; known rewards: {', '.join(REWARDS)}")
+    need(name in REWARDS, f"unknown reward '{name}'; known rewards: {', '.join(REWARDS)}")
     if name == "geneval":
         return GenEvalClient(url=path or DEFAULT_GENEVAL_URL, **kw)
     if name == "ocr":
-        if path is not None:
-            raise ValueError("the ocr reward takes no path (its models ship with rapidocr-onnxruntime)")
+        need(path is None, "the ocr reward takes no path (its models ship with rapidocr-onnxruntime)")
         return OCRReward(**kw)
     loader = {"pickscore": load_pickscore, "hps": load_hps, "imagereward": load_imagereward}[name]
     return loader(path, device=device, dtype=dtype, **kw)
 
 
 def _parse_list(value) -> list:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",")]
-    return list(value)
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
 
 
 def _weights(names: Sequence[str], weights) -> dict:
     """{name: w_m}: one finite weight > 0 per reward (default all equal)."""
-    if weights is None:
-        w = [1.0] * len(names)
-    elif isinstance(weights, dict):
-        if set(weights) != set(names):
-            raise ValueError(f"weights are for {sorted(weights)} but the rewards are {list(names)}")
-        w = [weights[n] for n in names]
-    else:
-        w = _parse_list(weights)
-        if len(w) != len(names):
-            raise ValueError(f"{len(w)} weight(s) {w} for {len(names)} reward(s) {list(names)}: "
-                             "give one weight per reward")
+    if isinstance(weights, dict):
+        need(set(weights) == set(names), f"weights are for {sorted(weights)} but the rewards are {list(names)}")
+    w = [1.0] * len(names) if weights is None else [weights[n] for n in names] if isinstance(weights, dict) \
+        else _parse_list(weights)
+    need(len(w) == len(names), f"{len(w)} weight(s) {w} for {len(names)} reward(s) {list(names)}: give one weight per reward")
     try:
         w = [float(x) for x in w]
     except (TypeError, ValueError):
         raise ValueError(f"reward weights must be numbers, one per reward {list(names)}; got {weights!r}") from None
-    if not all(math.isfinite(x) and x > 0 for x in w):
-        raise ValueError(f"reward weights must be finite and > 0 (leave a reward out rather than weight it 0); got {w}")
-    if len(w) == 1 and w[0] != 1.0:
-        raise ValueError(f"a single reward ({names[0]}) passes through unchanged; its weight {w[0]} would have "
-                         "no effect: use 1")
+    need(all(math.isfinite(x) and x > 0 for x in w),
+         f"reward weights must be finite and > 0 (leave a reward out rather than weight it 0); got {w}")
+    need(len(w) != 1 or w[0] == 1.0, f"a single reward ({names[0]}) passes through unchanged; its weight "
+                                     f"{w[0] if w else ''} would have no effect: use 1")
     return dict(zip(names, w))
 
 
@@ -674,14 +623,12 @@ def aggregate_rewards(scores: dict, weights=None) -> torch.Tensor:
     "advantage_aggr" with one reward is exactly that z-score). MultiReward.standardized tells
     the trainer which case it has."""
     names = list(scores)
-    if not names:
-        raise ValueError("no rewards to aggregate")
+    need(names, "no rewards to aggregate")
     w = _weights(names, weights)
     if len(names) == 1:
         return scores[names[0]]
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"rewards must share the (G, K) shape: {shapes}")
+    need(len(set(shapes.values())) == 1, f"rewards must share the (G, K) shape: {shapes}")
     total = sum(w.values())
     return sum(w[n] / total * group_zscore(scores[n].float(), eps=ZSCORE_EPS, dim=-1) for n in names)  # App. D.2
 
@@ -711,15 +658,12 @@ class MultiReward:
         raw = {n: fn(images, prompts, metadata) for n, fn in self.rewards.items()}
         if len(raw) == 1:
             return raw, next(iter(raw.values()))
-        if group_size is None or group_size < 1 or len(prompts) % group_size:
-            raise ValueError(
-                f"pass group_size=K (trajectories per prompt) dividing the batch of {len(prompts)}: each reward is "
-                f"z-scored within its group before the weighted sum (App. D.2); got {group_size}"
-            )
-        for g in range(0, len(prompts), group_size):
-            if len(set(prompts[g:g + group_size])) != 1:
-                raise ValueError(f"rows {g}..{g + group_size - 1} mix prompts: images must be group-major "
-                                 f"with group_size={group_size}")
+        need(group_size is not None and group_size >= 1 and len(prompts) % group_size == 0,
+             f"pass group_size=K (trajectories per prompt) dividing the batch of {len(prompts)}: each reward is "
+             f"z-scored within its group before the weighted sum (App. D.2); got {group_size}")
+        for g in range(0, len(prompts), group_size):  # group-major: each block of K rows is one prompt's
+            need(len(set(prompts[g:g + group_size])) == 1,
+                 f"rows {g}..{g + group_size - 1} mix prompts: images must be group-major with group_size={group_size}")
         grouped = {n: r.reshape(-1, group_size) for n, r in raw.items()}  # (N,) -> (G, K)
         return raw, aggregate_rewards(grouped, self.weights).reshape(-1)  # (G, K) -> (N,)
 
@@ -731,23 +675,16 @@ def load_rewards(names, weights=None, paths=None, device="cpu", dtype=torch.floa
     `reward_kwargs`: {name: {keyword: value}} passed to each loader, e.g.
     {"geneval": {"timeout": 60, "retries": 2}}. Everything is checked before any model loads."""
     names = _parse_list(names)
-    dupes = [n for n, c in Counter(names).items() if c > 1]
-    if dupes or not names or "" in names:
-        raise ValueError(f"reward names must be distinct and non-empty: {names}")
+    need(names and "" not in names and len(set(names)) == len(names), f"reward names must be distinct and non-empty: {names}")
     unknown = [n for n in names if n not in REWARDS]
-    if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; known rewards: {', '.join(REWARDS)}")
+    need(not unknown, f"unknown reward(s) {unknown}; known rewards: {', '.join(REWARDS)}")
     w = _weights(names, weights)
-    if paths is None:
-        paths = {}
-    elif not isinstance(paths, dict):
+    if paths is not None and not isinstance(paths, dict):
         p = _parse_list(paths)
-        if len(p) != len(names):
-            raise ValueError(f"{len(p)} path(s) for {len(names)} reward(s): give one per reward (empty = default)")
+        need(len(p) == len(names), f"{len(p)} path(s) for {len(names)} reward(s): give one per reward (empty = default)")
         paths = {n: (x or None) for n, x in zip(names, p)}
-    extra = set(paths) - set(names)
-    if extra:
-        raise ValueError(f"paths given for rewards not loaded: {sorted(extra)}")
+    paths = paths or {}
+    need(not set(paths) - set(names), f"paths given for rewards not loaded: {sorted(set(paths) - set(names))}")
     reward_kwargs = reward_kwargs or {}  # keywords for a reward that is not loaded are not used
     rewards = {n: load_reward(n, paths.get(n), device=device, dtype=dtype, **reward_kwargs.get(n, {})) for n in names}
     return MultiReward(rewards, w)

@@ -82,7 +82,6 @@ import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 
@@ -93,11 +92,13 @@ if ROOT not in sys.path:
 import flux  # noqa: E402
 import tmpo  # noqa: E402
 import tree_sampler as ts  # noqa: E402
+from metrics import need  # noqa: E402
 
 # Table 1 (PickScore-only protocol, FLUX.1-dev, 8 GPUs) and Table 2 of the paper, seconds per iteration.
 PAPER_S = {"tmpo": 68.3, "flow_grpo": 108.9, "tree_grpo": 79.1, "no_tree": 123.7}
 N, ETA, BRANCH, BETA, LR, MAX_GRAD_NORM = 6, 0.7, (0, 2, 3), 1.0, 5e-5, 0.3  # the paper's tree and update
 MEMORY_TREES = {9: (0, 2), 27: (0, 2, 3), 81: (0, 1, 2, 3)}  # k = 3, L = 2, 3, 4 levels on 6 steps
+VARIANTS = ("plain", "chunked", "plain_checkpointed", "chunked_checkpointed")  # update x gradient checkpointing
 PRESETS = {  # double / single blocks, heads x head_dim, RoPE split, T5 / CLIP width, tokens per side, T5 tokens
     "tiny": dict(double=1, single=1, heads=2, head_dim=16, rope=(4, 6, 6), text=32, pooled=32, side=4, text_len=8,
                  rank=4, alpha=8.0, dtype="float32"),
@@ -170,12 +171,11 @@ class Counter:
     """Wraps velocity_fn; counts calls and rows with and without grad (a row = one node's forward)."""
 
     def __init__(self, fn):
-        self.fn, self.calls, self.grad, self.nograd = fn, 0, 0, 0
+        self.fn, self.calls, self.rows = fn, 0, {True: 0, False: 0}  # rows by torch.is_grad_enabled()
 
     def __call__(self, x, t, cond):
         self.calls += 1
-        key = "grad" if torch.is_grad_enabled() else "nograd"
-        setattr(self, key, getattr(self, key) + x.shape[0])
+        self.rows[torch.is_grad_enabled()] += x.shape[0]
         return self.fn(x, t, cond)
 
 
@@ -185,10 +185,10 @@ class Method:
     description: str
     spec: ts.TreeSpec
     advantage: str = "softmax_tb"  # Eq. (5), or "grpo": Eq. (28)
-    chunk: Optional[int] = None  # parents per backward (on-policy); None = plain update, one graph
+    chunk: int | None = None  # parents per backward (on-policy); None = plain update, one graph
     per_leaf: bool = False  # update on Rollout.unshared()
     kl: float = 0.0
-    paper: Optional[str] = None  # key of PAPER_S
+    paper: str | None = None  # key of PAPER_S
 
     def expected_nfe(self, G: int) -> dict:
         grad = self.spec.update_nfe(G, per_leaf=self.per_leaf)
@@ -209,9 +209,10 @@ def make_methods(chunk: int, kl_coef: float) -> list[Method]:
     ]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _clock(device) -> float:
+    """time.perf_counter() once the device's queued work is done (synchronize: a no-op on CPU)."""
+    torch.get_device_module(device).synchronize(device)
+    return time.perf_counter()
 
 
 def run_iteration(m: Method, model, optimizer, G: int, seed: int, device) -> tuple[dict, dict]:
@@ -220,29 +221,25 @@ def run_iteration(m: Method, model, optimizer, G: int, seed: int, device) -> tup
     gen = torch.Generator(device=device).manual_seed(seed)
     R = torch.randn(G, K, generator=torch.Generator().manual_seed(seed)).to(device)  # stands in for the reward
     policy, update, ref = Counter(model.velocity_fn), Counter(model.velocity_fn), Counter(model.ref_velocity_fn)
-    _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     ro = ts.rollout(policy, m.spec, model.sigmas, model.cond, G, model.event_shape, generator=gen, device=device)
-    _sync(device)
-    t1 = time.perf_counter()
+    t1 = _clock(device)
     A = tmpo.softmax_tb_advantage(ro.log_prob, R, BETA) if m.advantage == "softmax_tb" else tmpo.grpo_advantage(R)
     optimizer.zero_grad(set_to_none=True)
     out = ts.update(update, ro.unshared() if m.per_leaf else ro, model.cond, A, chunk_size=m.chunk, on_policy=True,
                     kl_coef=m.kl, ref_velocity_fn=ref if m.kl else None)
     torch.nn.utils.clip_grad_norm_(model.lora, MAX_GRAD_NORM)
     optimizer.step()
-    _sync(device)
-    t2 = time.perf_counter()
+    t2 = _clock(device)
     nfe = {"rollout": ro.nfe, "rollout_calls": policy.calls, "update_grad": out["nfe_grad"],
            "update_nograd": out["nfe_nograd"], "backward_calls": out["chunks"]}
-    counted = {"rollout": policy.nograd, "update_grad": update.grad, "update_nograd": update.nograd + ref.nograd}
+    counted = {"rollout": policy.rows[False], "update_grad": update.rows[True], "update_nograd": update.rows[False] + ref.rows[False]}
     for key, formula in m.expected_nfe(G).items():  # the benchmark's numbers mean nothing if these disagree
-        if not nfe[key] == counted[key] == formula:
-            raise RuntimeError(f"{m.name}: {key} forwards disagree: sampler {nfe[key]}, counted {counted[key]}, formula {formula}")
-    if policy.grad or policy.calls != N:
-        raise RuntimeError(f"{m.name}: rollout made {policy.calls} calls, {policy.grad} rows with grad; expected {N} no-grad calls")
-    if not math.isfinite(out["loss"]):
-        raise RuntimeError(f"{m.name}: non-finite loss {out['loss']}")
+        need(nfe[key] == counted[key] == formula, f"{m.name}: {key} forwards disagree: sampler {nfe[key]}, counted "
+                                                  f"{counted[key]}, formula {formula}", RuntimeError)
+    need(not policy.rows[True] and policy.calls == N, f"{m.name}: rollout made {policy.calls} calls, {policy.rows[True]} "
+                                                      f"rows with grad; expected {N} no-grad calls", RuntimeError)
+    need(math.isfinite(out["loss"]), f"{m.name}: non-finite loss {out['loss']}", RuntimeError)
     return {"rollout": t1 - t0, "update": t2 - t1, "iteration": t2 - t0}, nfe
 
 
@@ -254,9 +251,9 @@ def _tree_rollout(model, spec, G, seed, device):
 
 
 def _grads(model) -> torch.Tensor:
+    """The LoRA gradient as one fp32 vector (zeros for a weight without one); the gradients are then cleared."""
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in model.lora])
-    for p in model.lora:
-        p.grad = None
+    model.transformer.zero_grad(set_to_none=True)  # only the LoRA weights have gradients
     return flat
 
 
@@ -270,27 +267,22 @@ def check_gradients(model, G: int, chunk: int, device) -> dict:
     for name, (rollout, kw) in variants.items():
         ts.update(model.velocity_fn, rollout, model.cond, A, **kw)
         grads[name] = _grads(model)
-    scale = float(grads["plain"].abs().max())
-    if not scale > 0:
-        raise RuntimeError("the plain update's gradient is zero: the gradient check would be vacuous")
-    tol = 1e-4 if model.dtype == "float32" else 5e-2
+    scale, tol = float(grads["plain"].abs().max()), 1e-4 if model.dtype == "float32" else 5e-2
+    need(scale > 0, "the plain update's gradient is zero: the gradient check would be vacuous", RuntimeError)
     rel = {name: float((g - grads["plain"]).abs().max()) / scale for name, g in grads.items() if name != "plain"}
-    if max(rel.values()) > tol:
-        raise RuntimeError(f"gradient check failed (tolerance {tol}): {rel}")
+    need(max(rel.values()) <= tol, f"gradient check failed (tolerance {tol}): {rel}", RuntimeError)
     return {"max_abs_grad_plain": scale, "rel_max_diff_vs_plain": rel, "tol": tol, "passed": True}
 
 
 def _cuda_peak(device, fn):
-    """fn(), and on CUDA the bytes allocated at its peak above what was allocated before (else None)."""
+    """fn(), and on CUDA the bytes allocated at its peak above what was allocated before (else None).
+    The caching allocator books every allocation on the host when it is made: no synchronize needed."""
     gc.collect()
     if device.type != "cuda":
         return fn(), None
-    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    return out, torch.cuda.max_memory_allocated(device) - before
+    return fn(), torch.cuda.max_memory_allocated(device) - before
 
 
 def measure_memory(model, G: int, chunk: int, device) -> tuple[list, dict]:
@@ -304,7 +296,8 @@ def measure_memory(model, G: int, chunk: int, device) -> tuple[list, dict]:
     rows, _ = [], _grads(model)
     for K, steps in MEMORY_TREES.items():
         spec = ts.TreeSpec.tree(N, steps, k=3, eta=ETA)
-        active = [G * a for a in spec.active_nodes()]
+        active = [G * a for a in spec.active_nodes()]  # rows per denoising step
+        parents = [active[n] for n in spec.fanout]  # rows of each SDE step's recompute
         (ro, A), cuda = _cuda_peak(device, lambda: _tree_rollout(model, spec, G, K, device))
         stored = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for tr in ro.transitions
                   for t in (tr.x, tr.mean, tr.x_next, tr.log_prob)}
@@ -315,15 +308,13 @@ def measure_memory(model, G: int, chunk: int, device) -> tuple[list, dict]:
             model.transformer.enable_gradient_checkpointing() if ckpt else model.transformer.disable_gradient_checkpointing()
             per_row = act["checkpointed"] if ckpt else act["grad"]
             for variant, kw in (("plain", {}), ("chunked", dict(chunk_size=chunk, on_policy=True))):
-                alive = sum(active[n] for n in spec.fanout) if variant == "plain" else max(
-                    min(chunk, active[n]) for n in spec.fanout)
+                alive = sum(parents) if variant == "plain" else max(min(chunk, p) for p in parents)  # forwards in one graph
                 with flux.SavedTensorMeter(exclude) as meter:
                     out, cuda = _cuda_peak(device, lambda: ts.update(model.velocity_fn, ro, model.cond, A, **kw))
                 _grads(model)
                 row[variant + ("_checkpointed" if ckpt else "")] = {
                     "grad_forwards": out["nfe_grad"], "grad_forwards_alive": alive, "backward_calls": out["chunks"],
-                    "saved_peak_bytes": meter.peak, "saved_live_after_bytes": meter.live,
-                    "plan_saved_bytes": alive * (per_row + sampler),
+                    "saved_peak_bytes": meter.peak, "saved_live_after_bytes": meter.live, "plan_saved_bytes": alive * (per_row + sampler),
                     "cuda_peak_bytes": cuda, "plan_peak_bytes": alive * (per_row + sampler + ckpt * act["block"]) + grads}
         model.transformer.disable_gradient_checkpointing()
         rows.append(row)
@@ -339,14 +330,15 @@ def _table(header: list, rows: list) -> str:
 
 def report(result: dict) -> str:
     env, cfg, mib = result["env"], result["config"], lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+    pair = lambda measured, plan: f"{mib(measured)} | {mib(plan)}"  # noqa: E731
     m = ", ".join(f"{k} {v}" for k, v in PRESETS[cfg["preset"]].items())
     lines = [f"Iteration cost on {env['device_name']} ({env['threads']} threads), torch {env['torch']}: random FLUX "
              f"'{cfg['preset']}' {m}; {N} steps, K = {cfg['K']}, G = {cfg['groups']}; median of {cfg['reps']} reps, methods "
              f"alternating; load {env['loadavg_before'][0]:.2f} -> {env['loadavg_after'][0]:.2f}. No VAE, no reward model."]
-    rows = [[name, r["nfe"]["rollout"], r["nfe"]["update_grad"], r["nfe"]["update_nograd"], r["nfe"]["backward_calls"],
-             f"{r['median_s']['rollout']:.3f}", f"{r['median_s']['update']:.3f}", f"{r['median_s']['iteration']:.3f}",
-             f"{r['ratio_vs_flow_grpo']:.2f}", (f"{PAPER_S[r['paper']]:.1f} ({PAPER_S[r['paper']] / PAPER_S['flow_grpo']:.2f})"
-                                                 if r["paper"] else "-")] for name, r in result["methods"].items()]
+    rows = [[name, *(r["nfe"][k] for k in ("rollout", "update_grad", "update_nograd", "backward_calls")),
+             *(f"{r['median_s'][k]:.3f}" for k in ("rollout", "update", "iteration")), f"{r['ratio_vs_flow_grpo']:.2f}",
+             f"{PAPER_S[r['paper']]:.1f} ({PAPER_S[r['paper']] / PAPER_S['flow_grpo']:.2f})" if r["paper"] else "-"]
+            for name, r in result["methods"].items()]
     lines.append(_table(["method", "rollout NFE", "update NFE grad", "+ no grad", "bwd calls", "rollout s", "update s",
                          "s/iter", "vs Flow-GRPO", "paper s (vs F-GRPO)"], rows))
     lines.append(f"Paper, not implemented here: TreeGRPO {PAPER_S['tree_grpo']} s. Paper times include decode, reward, 8-GPU sync.")
@@ -358,11 +350,9 @@ def report(result: dict) -> str:
     for r in result["memory"]:
         ro = r["rollout"]
         rows.append([r["K"], "rollout", ro["rows_per_call"], f"stored {mib(ro['stored_bytes'])}", "",
-                     f"{mib(ro['cuda_peak_bytes'])} | {mib(ro['plan_bytes'])}"])
-        for v in ("plain", "chunked", "plain_checkpointed", "chunked_checkpointed"):
-            u = r[v]
-            rows.append([r["K"], v, u["grad_forwards_alive"], f"{mib(u['saved_peak_bytes'])} | {mib(u['plan_saved_bytes'])}",
-                         u["backward_calls"], f"{mib(u['cuda_peak_bytes'])} | {mib(u['plan_peak_bytes'])}"])
+                     pair(ro["cuda_peak_bytes"], ro["plan_bytes"])])
+        rows += [[r["K"], v, u["grad_forwards_alive"], pair(u["saved_peak_bytes"], u["plan_saved_bytes"]), u["backward_calls"],
+                  pair(u["cuda_peak_bytes"], u["plan_peak_bytes"])] for v, u in ((v, r[v]) for v in VARIANTS)]
     lines.append(_table(["K", "phase", "rows alive", "saved | plan", "bwd calls", "CUDA | plan"], rows))
     g = result["grad_check"]
     lines += ["", f"Exact gradient (max |g - g_plain| / max |g_plain|, tol {g['tol']:.0e}): "
@@ -381,18 +371,16 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW(model.lora, lr=LR, weight_decay=1e-4)
     n_params = sum(p.numel() for p in model.transformer.parameters())
     print(f"[iteration_cost] '{args.config}' on {device}: {n_params / 1e6:.1f} M parameters, 1 warm-up + {args.reps} rounds")
-    times = {m.name: {k: [] for k in ("rollout", "update", "iteration")} for m in methods}
-    nfe = {}
+    rounds, nfe = [], {}  # rounds[r][method]: seconds of rollout, update, iteration
     for r in range(1 + args.reps):  # round 0 warms up (allocator, thread pools, first calls)
-        line = f"  {'warm-up' if r == 0 else f'rep {r}/{args.reps}'}:"
+        rounds.append({})
         for i, m in enumerate(methods):  # alternate: A B C ... in every round
-            seconds, nfe[m.name] = run_iteration(m, model, optimizer, G, args.seed * 100_003 + r * len(methods) + i, device)
-            for key in seconds if r else ():
-                times[m.name][key].append(seconds[key])
-            line += f" {m.name} {seconds['iteration']:.3f}s"
-        print(line, flush=True)
+            rounds[r][m.name], nfe[m.name] = run_iteration(m, model, optimizer, G, args.seed * 100_003 + r * len(methods) + i, device)
+        print(f"  {'warm-up' if r == 0 else f'rep {r}/{args.reps}'}: "
+              + " ".join(f"{name} {s['iteration']:.3f}s" for name, s in rounds[r].items()), flush=True)
         if r == 0:  # after the warm-up LoRA's B is no longer 0: every weight has a gradient
             grad_check = check_gradients(model, G, args.chunk_size, device)
+    times = {m.name: {k: [rd[m.name][k] for rd in rounds[1:]] for k in ("rollout", "update", "iteration")} for m in methods}
     medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     memory, act = measure_memory(model, G, args.chunk_size, device)
     result = {

@@ -166,7 +166,7 @@ def test_lora_save_load_round_trip(tmp_path, tiny_flux_dir):
 
     flux.save_lora(pipe.transformer, tmp_path / "lora")
     fresh = flux.load_flux(tiny_flux_dir, dtype=torch.float32)
-    flux.load_lora(fresh, tmp_path / "lora")
+    fresh.load_lora_weights(str(tmp_path / "lora"))  # diffusers' own loader reads what save_lora wrote
     torch.testing.assert_close(_velocity(fresh, x, t, cond, text_ids), v_lora, atol=1e-6, rtol=0)
     # ...and the reloaded adapter saves again (diffusers names it "default_0").
     flux.save_lora(fresh.transformer, tmp_path / "lora_again")
@@ -177,9 +177,6 @@ def test_lora_save_load_round_trip(tmp_path, tiny_flux_dir):
     bare = flux.load_flux(tiny_flux_dir, dtype=torch.float32)
     bare.load_lora_weights(tmp_path / "bare")
     assert (_velocity(bare, x, t, cond, text_ids) - v_lora).abs().max() > 1e-3
-
-    with pytest.raises(FileNotFoundError):
-        flux.load_lora(fresh, tmp_path / "no_lora_here")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,14 +203,16 @@ def test_pack_unpack_ids_match_flux_pipeline(pipe32):
     from diffusers import FluxPipeline
 
     z = torch.randn(3, 4, 16, 12, generator=torch.Generator().manual_seed(2))  # (N, C, h, w), h != w
-    packed = flux.pack(z)
-    assert packed.shape == (3, 8 * 6, 16)
-    torch.testing.assert_close(packed, FluxPipeline._pack_latents(z, 3, 4, 16, 12), atol=0, rtol=0)
-    torch.testing.assert_close(flux.unpack(packed, 16, 12), z, atol=0, rtol=0)
-    torch.testing.assert_close(  # the pipeline's unpack takes the *pixel* size: 64 x 48 at factor 4
-        flux.unpacked_latents(pipe32, packed, 64, 48), FluxPipeline._unpack_latents(packed, 64, 48, 4), atol=0, rtol=0
-    )
-    ids = flux.image_ids(pipe32, 64, 48)
+    packed = FluxPipeline._pack_latents(z, 3, 4, 16, 12)  # (3, 8 * 6, 16): 2x2 patches as tokens
+    # unpacked_latents inverts the pipeline's packing at the *pixel* size: 64 x 48 at factor 4
+    torch.testing.assert_close(flux.unpacked_latents(pipe32, packed, 64, 48), z, atol=0, rtol=0)
+    # token (r, c) holds latent patch z[:, :, 2r:2r+2, 2c:2c+2], channels ordered (c, dy, dx)
+    torch.testing.assert_close(packed[:, 3 * 6 + 4], z[:, :, 6:8, 8:10].reshape(3, 16), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cannot unpack"):
+        flux.unpacked_latents(pipe32, packed, 64, 64)
+    ids = flux.image_ids(pipe32, 64, 48)  # (row, column) of each token, row-major over 8 x 6 tokens
+    assert ids.shape == (48, 3) and not ids[:, 0].any()
+    assert ids[3 * 6 + 4].tolist() == [0, 3, 4] and ids[-1].tolist() == [0, 7, 5]
     torch.testing.assert_close(ids, FluxPipeline._prepare_latent_image_ids(1, 8, 6, "cpu", torch.float32), atol=0, rtol=0)
     with pytest.raises(ValueError, match="multiples of 8"):
         flux.latent_geometry(pipe32, 60, 64)
@@ -231,6 +230,18 @@ def test_flux_sigmas_match_scheduler(pipe32, num_steps, size):
     ours = flux.flux_sigmas(pipe32, num_steps, size, size)
     assert ours.shape == (num_steps + 1,) and ours.dtype == torch.float32 and ours[0] == 1 and ours[-1] == 0
     torch.testing.assert_close(ours, pipe32.scheduler.sigmas.float(), atol=1e-6, rtol=0)
+    # ... and it is the shift formula tree_sampler.sigma_schedule writes out (the toy's and benchmark's grid)
+    shift = dict(base_seq_len=cfg.base_image_seq_len, max_seq_len=cfg.max_image_seq_len, base_shift=cfg.base_shift,
+                 max_shift=cfg.max_shift)
+    torch.testing.assert_close(ours, tree_sampler.sigma_schedule(num_steps, image_seq_len=seq_len, **shift), atol=1e-6, rtol=0)
+
+
+def test_flux_sigmas_refuses_a_grid_that_does_not_fall_from_noise_to_data(pipe32):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe32.scheduler = FlowMatchEulerDiscreteScheduler.from_config({**pipe32.scheduler.config, "invert_sigmas": True})
+    with pytest.raises(ValueError, match="does not fall from 1"):
+        flux.flux_sigmas(pipe32, 6, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
