@@ -388,11 +388,10 @@ def load_checkpoint(run, path: str) -> int:
         for name, key in run.keys.items():
             common.assign(tensors[name], saved[f"transformer.{key}"])
     run.optimizer.load_state_dict(rank_state["optimizer"] if run.sharded else state["optimizer"])
-    if extend:  # the longer run's schedule, stepped from its start to here
-        for _ in range(state["step"] * run.args.updates_per_rollout):
-            run.scheduler.step()
-    else:
+    if not extend:
         run.scheduler.load_state_dict(state["scheduler"])
+    for _ in range(state["step"] * run.args.updates_per_rollout if extend else 0):  # the longer run's schedule, from its start
+        run.scheduler.step()
     common.set_rng_states(rank_state, run.device, noise_generator=run.noise_gen, schedule_rng=run.sched_rng)
     return int(state["step"])
 
@@ -432,8 +431,8 @@ def setup(args: Args, stack) -> SimpleNamespace:
     run.reward_fn = rewards.load_rewards(args.reward, weights=args.reward_weights or None, paths=paths, device=run.device,
                                          dtype=common.DTYPES[args.reward_dtype], reward_kwargs={"geneval": {
                                              "timeout": args.reward_timeout, "retries": args.reward_retries}})
-    if args.gradient_checkpointing is None:  # needed on a GPU (memory plan below), a slowdown on the CPU smoke runs
-        args.gradient_checkpointing = run.device.type == "cuda"
+    # Default: on on a GPU (needed there, see the memory plan below), off on the CPU smoke runs (only a slowdown there).
+    args.gradient_checkpointing = run.device.type == "cuda" if args.gradient_checkpointing is None else args.gradient_checkpointing
     run.pipe = flux.load_flux(args.model, dtype=run.dtype, device=run.device, offload_text_encoders=True)
     run.fingerprint = common.fingerprint(run.pipe)  # of the base weights, stored with every checkpoint
     base = run.pipe.transformer
@@ -501,19 +500,17 @@ def train_step(run, step: int, stop) -> dict:
     x_root = torch.randn((G * spec.roots, run.seq_len, run.channels), generator=run.noise_gen, device=run.device)
     if step == run.start_step:  # evidence for run_summary.json: each rank its own noise and prompts
         run.summary["root_noise_checksum_per_rank"] = run.accelerator.gather(x_root.double().sum().reshape(1)).tolist()
-        idx = torch.tensor(indices, device=run.device)
-        run.summary["prompt_indices_per_rank"] = run.accelerator.gather(idx).view(run.world, G).tolist()
+        run.summary["prompt_indices_per_rank"] = run.accelerator.gather(torch.tensor(indices, device=run.device)).view(run.world, G).tolist()
     ref_fn = reference_velocity(run, velocity_fn) if args.target == "tilted" or args.kl_coef > 0 else None
     ro = tree_sampler.rollout(velocity_fn, spec, run.sigmas, cond, G, (run.seq_len, run.channels), generator=run.noise_gen,
                               x_root=x_root, device=run.device, dtype=torch.float32, max_batch=args.rollout_batch or None,
                               reduce=args.logprob_reduce, ref_velocity_fn=ref_fn if args.target == "tilted" else None)
-    t_rollout = time.perf_counter() - t0
+    t_rollout, t0 = time.perf_counter() - t0, time.perf_counter()
     log_p = ro.traj_log_prob(args.logprob_reduce)  # (G, K), Eq. (47)
     check("trajectory log-prob", log_p)
     check("final latents", ro.x0.reshape(G, -1))  # (G, K*S*C)
 
     # 3. Decode and reward; leaves are group-major: rows g*K .. g*K+K-1 belong to prompt g
-    t0 = time.perf_counter()
     images = flux.decode(run.pipe, ro.x0, args.height, args.width, max_batch=args.decode_batch)  # (G*K, 3, H, W)
     check("decoded images", images.reshape(G, -1))
     t_decode, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -613,20 +610,19 @@ def validate(run, step: int) -> dict:
     from accelerate.utils import gather_object
 
     args, n = run.args, run.args.validation_images
-    with run.accelerator.split_between_processes(list(range(len(run.val_items))), apply_padding=True) as mine:
-        mine = list(mine)
     records = []
     run.ema.store(run.params.values())  # the trained weights, put back exactly below: training continues bit-identically
     run.ema.copy_to(run.params.values())
     try:
-        for p in mine:
-            item = run.val_items[p]
-            _, images, latents = common.paired_samples(run.pipe, [item["prompt"]], [p], args.seed, n, args.validation_steps,
-                                                       args.guidance, args.height, args.width, args.max_sequence_length,
-                                                       args.decode_batch)  # (n, 3, H, W), (n, C, h, w)
-            raw, _ = run.reward_fn(images, [item["prompt"]] * n, [dict(item)] * n, group_size=n)
-            records.append({"index": p, "lgmd": metrics.lgmd(latents), "pixels": common.to_uint8(images),
-                            **{f"reward_{k}": float(v.float().mean()) for k, v in raw.items()}})
+        with run.accelerator.split_between_processes(list(range(len(run.val_items))), apply_padding=True) as mine:
+            for p in mine:  # this rank's share of the held-out prompts
+                item = run.val_items[p]
+                _, images, latents = common.paired_samples(run.pipe, [item["prompt"]], [p], args.seed, n, args.validation_steps,
+                                                           args.guidance, args.height, args.width, args.max_sequence_length,
+                                                           args.decode_batch)  # (n, 3, H, W), (n, C, h, w)
+                raw, _ = run.reward_fn(images, [item["prompt"]] * n, [dict(item)] * n, group_size=n)
+                records.append({"index": p, "lgmd": metrics.lgmd(latents), "pixels": common.to_uint8(images),
+                                **{f"reward_{k}": float(v.float().mean()) for k, v in raw.items()}})
     finally:
         run.ema.restore(run.params.values())
     records = {r["index"]: r for r in gather_object(records)}  # the padding's repeats collapse
