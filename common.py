@@ -544,15 +544,16 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def read_checkpoint_file(file: str):
-    """torch.load of a checkpoint file (safetensors' load_file of a LoRA file); an unreadable one is an
-    InputError naming it and the checkpoints of its output folder that pass their manifest."""
+def read_checkpoint_file(checkpoint: str, name: str):
+    """torch.load of the file `name` of a checkpoint folder (safetensors' load_file of a LoRA file); an
+    unreadable one is an InputError naming it and the checkpoints of its output folder that pass their manifest."""
     from safetensors.torch import load_file
 
+    file = os.path.join(checkpoint, name)
     try:
         return load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=False)
     except Exception as err:  # zipfile / pickle / EOF errors name neither the file nor a way out
-        folder = os.path.dirname(os.path.dirname(os.path.abspath(file)))
+        folder = os.path.dirname(os.path.abspath(checkpoint))
         raise InputError(f"{file} cannot be read ({type(err).__name__}: {err}); checkpoints in {folder} that pass "
                          f"their manifest: {loadable_checkpoints(folder) or 'none'} (--resume PATH picks one)") from err
 

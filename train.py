@@ -369,8 +369,8 @@ OPERATIONAL_ARGS = {"config", "model", "output_dir", "resume", "stop_after_steps
 
 def load_checkpoint(run, path: str) -> int:
     """Restore everything `save_checkpoint` wrote; return the step to continue from."""
-    state = common.read_checkpoint_file(os.path.join(path, "trainer_state.pt"))
-    rank_state = common.read_checkpoint_file(os.path.join(path, f"rank{run.rank}.pt"))
+    state = common.read_checkpoint_file(path, "trainer_state.pt")
+    rank_state = common.read_checkpoint_file(path, f"rank{run.rank}.pt")
     now = dataclasses.asdict(run.args)
     # A finished run (its last checkpoint) may be extended with a larger --max_steps; the lr schedule
     # and the branch curriculum then run to the new length from here.
@@ -384,7 +384,7 @@ def load_checkpoint(run, path: str) -> int:
     common.require(state["world_size"] == run.world, f"{path} was written by {state['world_size']} processes, this run has "
                    f"{run.world}: resume with the same number (each rank's noise stream is saved)")
     for sub, tensors in run.weights.items():  # the LoRA files save_checkpoint wrote (diffusers prefixes "transformer.")
-        saved = common.read_checkpoint_file(os.path.join(path, sub, "pytorch_lora_weights.safetensors"))
+        saved = common.read_checkpoint_file(path, f"{sub}/pytorch_lora_weights.safetensors")
         for name, key in run.keys.items():
             common.assign(tensors[name], saved[f"transformer.{key}"])
     run.optimizer.load_state_dict(rank_state["optimizer"] if run.sharded else state["optimizer"])
