@@ -12,9 +12,8 @@ eval.py, tmpo.py or tree_sampler.py.
     python -m pytest -q tests/test_train.py tests/test_eval.py tests/test_faults.py
 """
 
-import argparse
+import contextlib
 import dataclasses
-import functools
 import gc
 import hashlib
 import json
@@ -28,6 +27,8 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -52,6 +53,25 @@ class RunError(RuntimeError):
 
 class RunFinished(Exception):
     """`--resume` of a run that already reached --max_steps: nothing to do (exit status 0)."""
+
+
+def require(ok, message: str) -> None:
+    """Raise InputError(message) unless `ok`: one line per check of the input."""
+    if not ok:
+        raise InputError(message)
+
+
+def run_main(prog: str, fn) -> int:
+    """The exit status of an entry point: fn()'s (None = 0); an InputError prints `prog: error: ...`
+    and gives 2, a RunError 1, RunFinished its message and 0 (one line each, no traceback)."""
+    try:
+        return fn() or 0
+    except RunFinished as done:
+        print(f"{prog}: {done}", flush=True)
+        return 0
+    except (InputError, RunError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, InputError) else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,12 +104,10 @@ FLUX_RANGES = {"guidance": "[0, inf)", "height": "[16, inf)", "width": "[16, inf
 
 def check_flux_args(args: FluxArgs, ranges: dict) -> None:
     """FluxArgs' checks, and check_ranges of every number with FLUX_RANGES + `ranges` (the entry point's)."""
-    if not args.prompts:
-        raise InputError("--prompts FILE is required (.txt one prompt per line, .json or .jsonl)")
+    require(args.prompts, "--prompts FILE is required (.txt one prompt per line, .json or .jsonl)")
     check_ranges(args, {**FLUX_RANGES, **ranges})
-    if args.height % 16 or args.width % 16:
-        raise InputError(f"--height and --width must be multiples of 16 (FLUX's VAE downsamples by 8, then 2x2 latent "
-                         f"patches make one token), got {args.height}x{args.width}")
+    require(args.height % 16 == args.width % 16 == 0, f"--height and --width must be multiples of 16 (FLUX's VAE downsamples "
+            f"by 8, then 2x2 latent patches make one token), got {args.height}x{args.width}")
 
 
 def parse_args(cls, argv=None, prog: str | None = None):
@@ -106,17 +124,14 @@ def parse_args(cls, argv=None, prog: str | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(cls, prog=prog, description=(cls.__doc__ or "").split("\n")[0], allow_abbrev=False)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default="")
-    config = pre.parse_known_args(argv)[0].config
+    config = parser.parse_known_args(argv)[0].config  # a first pass only to find --config
     file_argv = config_argv(config, cls) if config else []
     try:
-        namespace = parser.parse_args(file_argv + argv)
+        return cls(**vars(parser.parse_args(file_argv + argv)))
     except SystemExit as err:  # argparse has printed the error; say which flags came from the file
         if err.code and file_argv:
             print(f"{parser.prog}: (read from --config {config}: {' '.join(file_argv)})", file=sys.stderr)
         raise
-    return cls(**vars(namespace))
 
 
 def config_argv(path: str, cls) -> list[str]:
@@ -127,36 +142,27 @@ def config_argv(path: str, cls) -> list[str]:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh)
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise InputError(f"--config {path}: cannot read it as YAML: {err}") from err
-    if not isinstance(values, dict):
-        raise InputError(f"--config {path} must hold a mapping of flag names to values, got {type(values).__name__}")
+    require(isinstance(values, dict), f"--config {path} must hold a mapping of flag names to values, got {type(values).__name__}")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)} | ({"config"} & set(values)))
-    if unknown:
-        raise InputError(f"--config {path}: unknown key(s) {unknown}; keys are the flag names of --help, with underscores")
-    words = []
-    for key, value in values.items():
-        items = value if isinstance(value, list) else [value]
-        words += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in items)]
-    return words
+    require(not unknown, f"--config {path}: unknown key(s) {unknown}; keys are the flag names of --help, with underscores")
+    listed = ((key, value if isinstance(value, list) else [value]) for key, value in values.items())
+    return [w for key, items in listed for w in (f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in items))]
 
 
 def check_ranges(args, ranges: dict) -> None:
     """Every number of `args` must be finite and inside its interval in `ranges` {field: "[low, high)"}
     ("inf" may end an interval; "(0, inf]" admits inf itself). A numeric field missing from `ranges`
     is a programming error: no number reaches a run unchecked. Raises InputError naming the flag."""
-    numbers = {f.name for f in dataclasses.fields(args)
-               if isinstance(getattr(args, f.name), (int, float)) and not isinstance(getattr(args, f.name), bool)}
-    if numbers - set(ranges):
-        raise AssertionError(f"no valid range declared for {sorted(numbers - set(ranges))}")
+    numbers = {f.name for f in dataclasses.fields(args) if type(getattr(args, f.name)) in (int, float)}  # not bools
+    assert numbers <= set(ranges), f"no valid range declared for {sorted(numbers - set(ranges))}"
     for name, interval in ranges.items():
         value = getattr(args, name)
         low, high = (float(x) for x in interval[1:-1].split(","))
-        if value is None:  # an Optional flag left unset
-            continue
-        if not ((low < value if interval[0] == "(" else low <= value) and (value < high if interval[-1] == ")" else value <= high)):
+        if value is not None and not ((low < value if interval[0] == "(" else low <= value)  # None: an Optional flag unset
+                                      and (value < high if interval[-1] == ")" else value <= high)):
             raise InputError(f"--{name} must be in {interval}, got {value}")  # NaN compares False: never inside
 
 
@@ -164,20 +170,16 @@ def parse_named(specs: list, flag: str) -> dict:
     """['name=value', ...] -> {name: value}; a malformed or repeated name is an InputError naming `flag`."""
     out = {}
     for spec in specs:
-        name, sep, value = spec.partition("=")
-        if not sep or not name.strip() or not value.strip():
-            raise InputError(f"{flag} takes NAME=VALUE, got {spec!r}")
-        if name.strip() in out:
-            raise InputError(f"{flag} given twice for {name.strip()!r}")
-        out[name.strip()] = value.strip()
+        name, sep, value = (part.strip() for part in spec.partition("="))
+        require(sep and name and value, f"{flag} takes NAME=VALUE, got {spec!r}")
+        require(name not in out, f"{flag} given twice for {name!r}")
+        out[name] = value
     return out
 
 
 def resolve_dtype(name: str, device) -> torch.dtype:
     """'auto' = bf16 on a GPU (the paper), fp32 on a CPU (bf16 matmuls are slow there); else DTYPES."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return DTYPES[name]
+    return DTYPES[name] if name != "auto" else torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,50 +195,50 @@ def load_prompts(path: str, flag: str = "--prompts") -> list[dict]:
     metadata (GenEval reads its tags from them, e.g. its evaluation_metadata.jsonl). A missing,
     binary or empty file, or a malformed entry, raises InputError naming `flag` and the file.
     """
-    where = f"{flag} {path}"
-    if not os.path.isfile(path):
-        raise InputError(f"{where}: prompt file does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".txt", ".json", ".jsonl"):
-        raise InputError(f"{where}: unknown extension {ext!r}; use .txt, .json or .jsonl")
-    with open(path, "rb") as fh:
-        data = fh.read()
+    where, ext = f"{flag} {path}", os.path.splitext(path)[1].lower()
+    require(ext in (".txt", ".json", ".jsonl"), f"{where}: unknown extension {ext!r}; use .txt, .json or .jsonl")
     try:
-        text = data.decode("utf-8")
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as err:
+        raise InputError(f"{where}: prompt file does not exist or cannot be read ({err.strerror})") from err
     except UnicodeDecodeError as err:
         raise InputError(f"{where} is not UTF-8 text (byte {err.start}): pass a text prompt file") from err
-    if "\x00" in text:
-        raise InputError(f"{where} holds NUL bytes: a binary file, not a prompt file")
+    require("\x00" not in text, f"{where} holds NUL bytes: a binary file, not a prompt file")
 
-    def entry(value, at):
-        if isinstance(value, str):
-            value = {"prompt": value}
-        if not isinstance(value, dict) or not isinstance(value.get("prompt"), str) or not value["prompt"].strip():
-            raise InputError(f"{where}, {at}: expected a non-empty string or an object with a "
-                             f"non-empty 'prompt' string, got {json.dumps(value)[:120]}")
-        return value
-
-    if ext == ".txt":
-        items = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
-    elif ext == ".json":
+    def parse(text, at):  # JSON, or an InputError naming the file and the line
         try:
-            values = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as err:
-            raise InputError(f"{where} is not valid JSON: {err}") from err
-        if not isinstance(values, list):
-            raise InputError(f"{where} must hold a JSON list of prompts, got {type(values).__name__}")
-        items = [entry(v, f"item {i}") for i, v in enumerate(values)]
+            raise InputError(f"{where}{at} is not valid JSON ({err}): {text[:120]!r}") from err
+
+    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if ext == ".json":
+        values = parse(text, "")
+        require(isinstance(values, list), f"{where} must hold a JSON list of prompts, got {type(values).__name__}")
+        entries = [(f"item {i}", v) for i, v in enumerate(values)]
     else:
-        items = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    items.append(entry(json.loads(line), f"line {i}"))
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{where}, line {i} is not valid JSON ({err}): {line[:120]!r}") from err
-    if not items:
-        raise InputError(f"{where}: the file holds no prompts")
+        entries = [(f"line {i}", line if ext == ".txt" else parse(line, f", line {i}")) for i, line in lines]
+    items = []
+    for at, value in entries:
+        value = {"prompt": value} if isinstance(value, str) else value
+        require(isinstance(value, dict) and isinstance(value.get("prompt"), str) and value["prompt"].strip(),
+                f"{where}, {at}: expected a non-empty string or an object with a non-empty 'prompt' string, got "
+                f"{json.dumps(value)[:120]}")
+        items.append(value)
+    require(items, f"{where}: the file holds no prompts")
     return items
+
+
+def prompt_sets(args) -> tuple[list, list]:
+    """train.py's (training prompts, validation prompts): --validation_split N holds out N prompts of
+    --prompts chosen by --seed (not the last N: a file sorted by task would hold out one task only)."""
+    items = load_prompts(args.prompts)
+    if args.validation_prompts:
+        return items, load_prompts(args.validation_prompts, "--validation_prompts")
+    require(args.validation_split < len(items), f"--validation_split {args.validation_split} leaves no training prompt of "
+            f"the {len(items)} in --prompts {args.prompts}")
+    held = set(np.random.default_rng(args.seed).permutation(len(items))[:args.validation_split].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
 
 
 def prompt_indices(step: int, rank: int, per_process: int, world_size: int, num_prompts: int, seed: int) -> list:
@@ -245,17 +247,9 @@ def prompt_indices(step: int, rank: int, per_process: int, world_size: int, num_
     The global stream is a fresh permutation of all prompts per epoch; step s takes the entries
     [s B, (s + 1) B) with B = per_process x world_size, and rank r the r-th slice of per_process.
     """
-    B = per_process * world_size
-    out = []
-    for pos in range(step * B + rank * per_process, step * B + (rank + 1) * per_process):
-        epoch, i = divmod(pos, num_prompts)
-        out.append(int(_epoch_order(seed, epoch, num_prompts)[i]))
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, num_prompts: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_prompts)
+    first = (step * world_size + rank) * per_process  # position in the stream of all epochs
+    return [int(np.random.default_rng([seed, pos // num_prompts]).permutation(num_prompts)[pos % num_prompts])  # epoch's order
+            for pos in range(first, first + per_process)]
 
 
 def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank: int, last_ckpt) -> None:
@@ -264,16 +258,12 @@ def check_finite(what: str, values: torch.Tensor, step: int, prompts: list, rank
     values: (G, ...) with the prompt (group) as the first dimension, or a scalar (all prompts).
     """
     bad = ~torch.isfinite(values.detach())
-    if not bad.any():
-        return
-    if values.dim() == 0:
-        culprits = prompts
-    else:
-        culprits = [p for p, b in zip(prompts, bad.reshape(len(prompts), -1).any(dim=1).tolist()) if b]
-    raise RunError(
-        f"non-finite {what} at step {step + 1} (rank {rank}) for prompt(s) {culprits!r}; the run stops and "
-        f"{kept(last_ckpt)}. Nothing is clamped: lower --lr or --max_grad_norm, or rerun with --dtype fp32 to look closer."
-    )
+    if bad.any():
+        rows = bad.reshape(len(prompts), -1).any(dim=1).tolist() if values.dim() else [True] * len(prompts)  # (G,)
+        raise RunError(
+            f"non-finite {what} at step {step + 1} (rank {rank}) for prompt(s) {[p for p, b in zip(prompts, rows) if b]!r}; "
+            f"the run stops and {kept(last_ckpt)}. Nothing is clamped: lower --lr or --max_grad_norm, or rerun with "
+            "--dtype fp32 to look closer.")
 
 
 def kept(last_ckpt) -> str:
@@ -286,19 +276,14 @@ def kept(last_ckpt) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def noise_seed(seed: int, prompt_index: int, image_index: int) -> int:
-    """A 64-bit generator seed for image `image_index` of prompt `prompt_index` (global indices).
-    SeedSequence mixes the three numbers, so nearby (p, j) do not get correlated streams."""
-    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1, dtype=np.uint64)[0])
-
-
 def initial_noise(seed: int, prompt_index: int, num_images: int, event_shape) -> torch.Tensor:
     """(num_images, *event_shape) float32 N(0, I) drawn on the CPU: the same on any machine, rank,
-    batch or model, so every model starts image (p, j) from the same x_1."""
-    return torch.stack([
-        torch.randn(tuple(event_shape), generator=torch.Generator("cpu").manual_seed(noise_seed(seed, prompt_index, j)))
-        for j in range(num_images)
-    ])
+    batch or model, so every model starts image (p, j) from the same x_1.
+
+    Image j of prompt p (global indices) has its own generator, seeded with 64 bits of
+    SeedSequence([seed, p, j]): it mixes the three numbers, so nearby (p, j) do not get correlated streams."""
+    seeds = [int(np.random.SeedSequence([seed, prompt_index, j]).generate_state(1, dtype=np.uint64)[0]) for j in range(num_images)]
+    return torch.stack([torch.randn(tuple(event_shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
 def checksum(x: torch.Tensor) -> str:
@@ -333,13 +318,12 @@ def ode_sample(pipe, cond: dict, latents: torch.Tensor, steps: int, guidance: fl
     """
     pipe.set_progress_bar_config(disable=True)
     size = max_batch or latents.shape[0]
-    out = []
-    for i in range(0, latents.shape[0], size):
-        rows = slice(i, i + size)
-        out.append(pipe(prompt_embeds=cond["prompt_embeds"][rows], pooled_prompt_embeds=cond["pooled_prompt_embeds"][rows],
-                        latents=latents[rows], guidance_scale=guidance, num_inference_steps=steps, height=height,
-                        width=width, output_type="latent").images)  # (n, S, C)
-    return torch.cat(out).float()
+    return torch.cat([
+        pipe(prompt_embeds=cond["prompt_embeds"][i:i + size], pooled_prompt_embeds=cond["pooled_prompt_embeds"][i:i + size],
+             latents=latents[i:i + size], guidance_scale=guidance, num_inference_steps=steps, height=height, width=width,
+             output_type="latent").images  # (size, S, C)
+        for i in range(0, latents.shape[0], size)
+    ]).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,30 +338,25 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_grid(path: str, title: str, rows: dict, cell_height: int):
     """One PNG: `title` on top, one labelled row per entry of rows {label: (n, H, W, 3) uint8}, one
-    column per image; cells scaled to `cell_height` pixels (0 = full size). Returns the PIL image."""
-    from PIL import Image, ImageDraw, ImageFont
+    column per image; cells scaled to `cell_height` pixels (0 = full size); the folder is created if
+    needed. Returns the PIL image."""
+    from PIL import Image, ImageDraw
 
-    font = ImageFont.load_default()
     n, h, w = next(iter(rows.values())).shape[:3]
-    ch = h if cell_height == 0 or cell_height >= h else cell_height
+    ch = min(h, cell_height or h)
     cw = max(1, round(w * ch / h))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 8 + max(int(probe.textlength(label, font=font)) for label in rows)
-    line_h = 14
-    header = textwrap.wrap(title, width=max(20, (label_w + n * cw) // 7))[:4] or [""]
-    top = 6 + line_h * len(header)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # measures text in PIL's default font
+    label_w = 8 + max(int(probe.textlength(label)) for label in rows)
+    header = "\n".join(textwrap.wrap(title, width=max(20, (label_w + n * cw) // 7))[:4])
+    top = 6 + int(probe.multiline_textbbox((4, 3), header, spacing=3)[3])
     grid = Image.new("RGB", (label_w + n * cw, top + len(rows) * ch), "white")
     draw = ImageDraw.Draw(grid)
-    for i, line in enumerate(header):
-        draw.text((4, 3 + i * line_h), line, fill="black", font=font)
+    draw.multiline_text((4, 3), header, fill="black", spacing=3)
     for r, (label, images) in enumerate(rows.items()):
-        y = top + r * ch
-        draw.text((4, y + ch // 2 - 6), label, fill="black", font=font)
+        draw.text((4, top + r * ch + ch // 2 - 6), label, fill="black")
         for j, img in enumerate(images):
-            tile = Image.fromarray(img)
-            if tile.size != (cw, ch):
-                tile = tile.resize((cw, ch), Image.LANCZOS)
-            grid.paste(tile, (label_w + j * cw, y))
+            grid.paste(Image.fromarray(img).resize((cw, ch), Image.LANCZOS), (label_w + j * cw, top + r * ch))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     grid.save(path)
     return grid
 
@@ -385,12 +364,10 @@ def save_grid(path: str, title: str, rows: dict, cell_height: int):
 def make_accelerator(report_to: str, output_dir: str, fsdp_plugin=None):
     """accelerate's Accelerator logging to `report_to` (tensorboard | wandb | none) under output_dir.
     accelerate silently drops a tracker whose package is missing; here that is an InputError."""
-    from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    from accelerate import Accelerator, utils
 
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "none": lambda: True}
-    if not available[report_to]():
-        raise InputError(f"--report_to {report_to}: the package is not installed (pip install {report_to}), or use --report_to none")
+    require(report_to == "none" or getattr(utils, f"is_{report_to}_available")(),
+            f"--report_to {report_to}: the package is not installed (pip install {report_to}), or use --report_to none")
     return Accelerator(log_with=None if report_to == "none" else report_to, project_dir=output_dir, fsdp_plugin=fsdp_plugin)
 
 
@@ -411,16 +388,31 @@ def mean_over_ranks(accelerator, values: dict) -> dict:
     return dict(zip(keys, accelerator.reduce(local, reduction="mean").tolist()))
 
 
+def write_json(path: str, data) -> None:
+    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
+    Path(path + ".tmp").write_text(json.dumps(data, indent=2, default=str))
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path: str, default=None):
+    """A JSON file's content, or `default` if it is missing or not JSON (half-written)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint folders: checkpoint-{step}/{lora,ema}/ (diffusers LoRA files), trainer_state.pt, rank{r}.pt
 # ---------------------------------------------------------------------------------------------
 
+MANIFEST = "manifest.json"  # in each checkpoint: its step and every file's size when it was written
+LOCK = "train.lock"  # in an output folder while a run owns it: pid, host, start time
+
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A full CPU fp32 copy of a (possibly FSDP2-sharded DTensor) tensor; collective under FSDP2."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().float().cpu().clone()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu().clone()
 
 
 def assign(p: torch.Tensor, full: torch.Tensor) -> None:
@@ -431,17 +423,6 @@ def assign(p: torch.Tensor, full: torch.Tensor) -> None:
 
             full = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements)
         p.copy_(full.to(p.device, p.dtype))
-
-
-def peft_keys(model, names: list) -> dict:
-    """{parameter name: key in diffusers' LoRA file}, as peft's get_peft_model_state_dict renames."""
-    from peft.utils import get_peft_model_state_dict
-
-    tagged = {n: torch.tensor(float(i)) for i, n in enumerate(names)}  # identify each entry by value
-    renamed = get_peft_model_state_dict(model, state_dict=tagged, adapter_name="default")
-    if len(renamed) != len(names):
-        raise RuntimeError(f"peft kept {len(renamed)} of {len(names)} LoRA parameters when renaming")
-    return {names[int(v.item())]: k for k, v in renamed.items()}
 
 
 def rng_states(device, **generators) -> dict:
@@ -459,11 +440,8 @@ def set_rng_states(states: dict, device, **generators) -> None:
     random.setstate(states["python"])
     if states["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
-    for k, g in generators.items():
-        if isinstance(g, torch.Generator):
-            g.set_state(states[k])
-        else:
-            g.bit_generator.state = states[k]
+    for k, g in generators.items():  # a torch or a numpy Generator
+        g.set_state(states[k]) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", states[k])
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, model, loras: dict, state: dict, rank_state: dict) -> str:
@@ -479,12 +457,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, loras: dict,
     tmp = final + ".tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for sub, state_dict in loras.items():
+        for sub, state_dict in loras.items():  # diffusers creates the folders
             flux.save_lora(model, os.path.join(tmp, sub), state_dict=state_dict)
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    accelerator.wait_for_everyone()
     torch.save(rank_state, os.path.join(tmp, f"rank{accelerator.process_index}.pt"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -501,10 +477,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model, loras: dict,
 _LORA_KEY = re.compile(r"^(?P<part>[^.]+)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
-def check_lora_fits(transformer: torch.nn.Module, folder: str, name: str) -> tuple[dict, dict]:
+def check_lora_fits(transformer: torch.nn.Module, folder: str, name: str) -> list[str]:
     """Read a LoRA folder the way diffusers' FLUX loader does and check every weight against the
     transformer: each key must name a Linear layer of it, with A (r, in_features), B (out_features, r).
-    Returns (the state dict as diffusers reads it, {module path: rank}). Checked before loading because diffusers' loader does not fail on
+    Returns the module paths it adapts. Checked before loading because diffusers' loader does not fail on
     a LoRA for another model: layers it lacks only give a warning (unless none matches), and a LoRA
     A wider than the layer silently widens the base layer (a feature for FLUX Control LoRAs; seen
     with diffusers 0.42: to_q of the base model became Linear(48 -> 32))."""
@@ -512,72 +488,176 @@ def check_lora_fits(transformer: torch.nn.Module, folder: str, name: str) -> tup
 
     where = f"LoRA {name!r} ({folder})"
     try:
-        state_dict, _, metadata = FluxPipeline.lora_state_dict(folder, return_alphas=True, return_lora_metadata=True)
+        state_dict = FluxPipeline.lora_state_dict(folder)
     except Exception as err:  # re-raised with the folder's name
         raise InputError(f"{where}: cannot be read as a diffusers FLUX LoRA: {err}") from err
-    unknown = [k for k in state_dict if not _LORA_KEY.match(k)]
-    parts = {m.group("part") for m in map(_LORA_KEY.match, state_dict) if m}
-    other_parts = sorted(parts - {"transformer"})
-    if unknown:
-        raise InputError(f"{where}: {len(unknown)} key(s) are not LoRA A/B weights, e.g. {unknown[:3]}")
-    if other_parts:
-        raise InputError(f"{where}: has weights for {other_parts}; only transformer LoRAs (what train.py writes) are read")
-    if not state_dict:
-        raise InputError(f"{where}: holds no LoRA weights")
-    modules = dict(transformer.named_modules())
-    shapes: dict[str, dict[str, tuple]] = {}
+    shapes: dict[str, dict[str, tuple]] = {}  # {module path: {"A": shape, "B": shape}}
     for key, tensor in state_dict.items():
         m = _LORA_KEY.match(key)
-        shapes.setdefault(m.group("module"), {})[m.group("ab")] = tuple(tensor.shape)
+        if not m or m["part"] != "transformer":
+            raise InputError(f"{where}: {key!r} is not a transformer LoRA A/B weight (train.py writes only those)")
+        shapes.setdefault(m["module"], {})[m["ab"]] = tuple(tensor.shape)
+    modules = dict(transformer.named_modules())
+    require(shapes, f"{where}: holds no LoRA weights")
     missing = sorted(p for p in shapes if p not in modules)
-    if missing:
-        raise InputError(f"{where} does not fit the model: {len(missing)} of its {len(shapes)} layers do not exist "
-                             f"in the transformer, e.g. {missing[:3]} (a LoRA for another model?)")
-    ranks, bad = {}, []
+    require(not missing, f"{where} does not fit the model: {len(missing)} of its {len(shapes)} layers do not exist in the "
+            f"transformer, e.g. {missing[:3]} (a LoRA for another model?)")
+    bad = []
     for path, ab in shapes.items():
-        layer = modules[path]
-        layer = getattr(layer, "base_layer", layer)  # already wrapped by an earlier adapter
-        if not isinstance(layer, torch.nn.Linear):
-            bad.append(f"{path} is a {type(layer).__name__}, not a Linear layer")
+        layer = getattr(modules[path], "base_layer", modules[path])  # already wrapped by an earlier adapter
+        i, o = getattr(layer, "in_features", "?"), getattr(layer, "out_features", "?")
+        a, b = ab.get("A"), ab.get("B")
+        if not (isinstance(layer, torch.nn.Linear) and a and b and a == (b[-1], i) and b == (o, a[0])):
+            bad.append(f"{path}: A {a}, B {b}, but the layer is {type(layer).__name__}({i} -> {o}), "
+                       f"which needs A (r, {i}) and B ({o}, r)")
+    require(not bad, f"{where} does not fit the model ({len(bad)} layer(s)): " + "; ".join(bad[:3]))
+    return sorted(shapes)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoint-{step} folders of output_dir, oldest first (*.tmp are incomplete)."""
+    found = [d for d in (os.listdir(output_dir) if os.path.isdir(output_dir) else []) if re.fullmatch(r"checkpoint-\d+", d)]
+    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d.split("-")[1]))]
+
+
+def verify_checkpoint(path: str) -> list[str]:
+    """What is wrong with a checkpoint folder: files missing or not of the size they were written
+    with (a truncated copy, a full disk); [] if it passes. Cheap: reads sizes, not tensors."""
+    manifest = read_json(os.path.join(path, MANIFEST))
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return [f"{os.path.join(path, MANIFEST)} is missing or not a manifest"]
+    sizes = {os.path.join(path, rel): size for rel, size in files.items()}
+    return [f"{file} is missing" if not os.path.isfile(file) else
+            f"{file} has {os.path.getsize(file)} bytes, {size} when it was written (truncated?)"
+            for file, size in sizes.items() if not os.path.isfile(file) or os.path.getsize(file) != size]
+
+
+def loadable_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoints of output_dir that pass verify_checkpoint, oldest first."""
+    return [path for path in list_checkpoints(output_dir) if not verify_checkpoint(path)]
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (0 = keep all); call it once a new one is complete."""
+    for path in list_checkpoints(output_dir)[:-keep] if keep else []:
+        shutil.rmtree(path)
+
+
+def read_checkpoint_file(checkpoint: str, name: str):
+    """torch.load of the file `name` of a checkpoint folder (safetensors' load_file of a LoRA file); an
+    unreadable one is an InputError naming it and the checkpoints of its output folder that pass their manifest."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(checkpoint, name)
+    try:
+        return load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # zipfile / pickle / EOF errors name neither the file nor a way out
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        raise InputError(f"{file} cannot be read ({type(err).__name__}: {err}); checkpoints in {folder} that pass "
+                         f"their manifest: {loadable_checkpoints(folder) or 'none'} (--resume PATH picks one)") from err
+
+
+def fingerprint(pipe) -> str:
+    """A short hash of the base weights (every parameter's name, shape, dtype, sum and sum of |w| in
+    float64): another base model of the same shape gets another fingerprint. One pass over the weights."""
+    h = hashlib.sha256()
+    for part, module in sorted(pipe.components.items()):
+        for name, p in module.named_parameters() if isinstance(module, torch.nn.Module) else ():
+            w = p.detach().double()
+            h.update(f"{part}.{name} {tuple(p.shape)} {p.dtype} {float(w.sum())!r} {float(w.abs().sum())!r}".encode())
+    return h.hexdigest()[:16]
+
+
+def resume_target(output_dir: str, resume: str, max_steps: int) -> str | None:
+    """The checkpoint a run continues from (--resume 'latest' or a folder), or None for a new run.
+
+    Refuses to start a second run in a folder that holds one (checkpoints, or the log of a run that
+    stopped before its first checkpoint), and to resume from a checkpoint that fails
+    verify_checkpoint: 'latest' never falls back to an older one silently. A checkpoint that
+    already reached max_steps raises RunFinished."""
+    existing = list_checkpoints(output_dir)
+    if not resume:
+        other = sorted(set(os.listdir(output_dir)) - {LOCK}) if os.path.isdir(output_dir) else []
+        require(not existing, f"{output_dir} already holds {''.join(existing[-1:])}: pass --resume latest to continue it, "
+                "or a new --output_dir")
+        require(not other, f"{output_dir} holds {other} but no checkpoint (a run stopped before its first one?): nothing "
+                "there can be resumed; delete them to start anew there, or pass a new --output_dir")
+        return None
+    require(resume != "latest" or existing, f"--resume latest: no checkpoint-* in {output_dir}; drop --resume to start a new run")
+    path = existing[-1] if resume == "latest" else resume
+    require(os.path.isdir(path), f"--resume {resume!r} is neither 'latest' nor a checkpoint folder")
+    problems = verify_checkpoint(path)
+    if problems:
+        ok = loadable_checkpoints(os.path.dirname(os.path.abspath(path)))
+        raise InputError(f"{path} does not load: {'; '.join(problems)}. Checkpoints that do: {ok or 'none'}"
+                         + (f" (continue from one with --resume {ok[-1]})" if ok else ""))
+    step = read_json(os.path.join(path, MANIFEST))["step"]
+    if step >= max_steps:
+        raise RunFinished(f"the run is finished: {path} is step {step} of --max_steps {max_steps}; its "
+                          "run_summary.json and checkpoints are kept. To train longer, resume with a larger --max_steps.")
+    return path
+
+
+def truncate_jsonl(file: str, step: int) -> None:
+    """Keep a metrics.jsonl's rows up to `step`: a killed run's later steps are run (and logged) again.
+    A partial last line (a crash while writing it) is dropped, and said so; a broken line before
+    the last is an InputError naming the file and the line."""
+    if not os.path.isfile(file):
+        return
+    lines = [line for line in Path(file).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i < len(lines):
+                raise InputError(f"{file}, line {i} is not JSON ({err}): repair or delete that line, then resume") from err
+            print(f"{file}: dropped its partial last line (written when the run was killed): {line[:60]!r}", flush=True)
             continue
-        if set(ab) != {"A", "B"}:
-            bad.append(f"{path} has lora_{''.join(ab)} only")
-            continue
-        a, b = ab["A"], ab["B"]
-        if len(a) != 2 or len(b) != 2 or a[1] != layer.in_features or b[0] != layer.out_features or a[0] != b[1]:
-            bad.append(f"{path}: A {a}, B {b}, but the layer is Linear({layer.in_features} -> {layer.out_features}), "
-                       f"which needs A (r, {layer.in_features}) and B ({layer.out_features}, r)")
-            continue
-        ranks[path] = a[0]
-    if bad:
-        raise InputError(f"{where} does not fit the model ({len(bad)} layer(s)): " + "; ".join(bad[:3]))
-    config = json.loads(metadata) if isinstance(metadata, str) else (metadata or {})  # keys "transformer.r", ...
-    r = config.get("transformer.r")
-    if r is not None and not config.get("transformer.rank_pattern") and set(ranks.values()) != {r}:
-        raise InputError(f"{where}: its saved LoraConfig says rank {r}, its weights have ranks {sorted(set(ranks.values()))}")
-    return state_dict, ranks
+        if row["step"] <= step:
+            rows.append(line + "\n")
+    Path(file + ".tmp").write_text("".join(rows))
+    os.replace(file + ".tmp", file)
 
 
+# ---------------------------------------------------------------------------------------------
+# The run's processes, its output folder and its end
+# ---------------------------------------------------------------------------------------------
 
 
-def load_lora_file(model, folder: str, keys: dict) -> dict:
-    """{parameter name: tensor} of a LoRA folder written by save_checkpoint, checked against `model`
-    (check_lora_fits) and against the LoRA parameters `keys` names ({name: key in the file})."""
-    state_dict, _ = check_lora_fits(model, folder, os.path.basename(folder))
-    expected = {f"transformer.{k}" for k in keys.values()}
-    if set(state_dict) != expected:
-        raise InputError(f"{folder} does not match this model's LoRA ({len(state_dict)} tensors, expected {len(expected)}, "
-                         f"e.g. {sorted(expected - set(state_dict))[:2]} missing): different --lora_rank / model?")
-    return {name: state_dict[f"transformer.{key}"] for name, key in keys.items()}
+def claim_output_dir(output_dir: str, take_over: bool) -> None:
+    """Create output_dir and take its lock file (LOCK) before any model loads; a second run into the
+    same folder is refused, naming the owner. A lock whose process is gone (a dead pid on this
+    host, e.g. after kill -9) is reported as stale and taken over with --take_over_lock."""
+    import psutil
+
+    lock = os.path.join(output_dir, LOCK)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if os.path.exists(lock):
+            owner = read_json(lock, {})  # {}: half-written by a run killed while taking it
+            here = owner.get("host") == socket.gethostname()
+            alive = here and psutil.pid_exists(owner.get("pid", -1))
+            who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+            if alive or not take_over:
+                state = "running" if alive else ("no longer running (stale)" if here else "on another host: cannot check")
+                raise InputError(f"--output_dir {output_dir} is locked by another run ({who}; {state}). Use another "
+                                 "--output_dir" + ("" if alive else ", or pass --take_over_lock if that run is gone"))
+            print(f"taking over the lock of {output_dir} from {who}", flush=True)
+            os.remove(lock)
+        with open(lock, "x") as fh:  # "x" creates it or fails: of two runs started at once, one gets it
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+    except FileExistsError as err:
+        raise InputError(f"--output_dir {output_dir} is locked by another run that took it just now") from err
+    except OSError as err:
+        raise InputError(f"--output_dir {output_dir} is not usable: {err}") from err
 
 
-def list_checkpoints(output_dir: str) -> list:
-    """(step, path) of the complete checkpoints in output_dir, oldest first (*.tmp are incomplete)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
-             if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return sorted(found)
+def release_output_dir(output_dir: str) -> None:
+    """Remove the lock if this process holds it."""
+    if read_json(os.path.join(output_dir, LOCK), {}).get("pid") == os.getpid():
+        os.remove(os.path.join(output_dir, LOCK))
 
 
 def on_main_process(accelerator, fn):
@@ -585,7 +665,7 @@ def on_main_process(accelerator, fn):
     every rank: a refusal stops all ranks before any of them loads a model."""
     from accelerate.utils import broadcast_object_list
 
-    box = [None, None]
+    box = [None, None]  # [result, error]
     if accelerator.is_main_process:
         try:
             box[0] = fn()
@@ -596,6 +676,18 @@ def on_main_process(accelerator, fn):
     if box[1] is not None:
         raise box[1]
     return box[0]
+
+
+@contextlib.contextmanager
+def stop_signal():
+    """SIGTERM (a preemption) sets `.received` of the yielded object instead of killing the process
+    mid-step: the loop finishes the step, saves a checkpoint and exits with status 143 (128 + SIGTERM)."""
+    stop = SimpleNamespace(received=False)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(stop, "received", True))
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def end_run(state, *holders) -> None:
@@ -623,191 +715,3 @@ def end_run(state, *holders) -> None:
         vars(holder).clear()
     gc.collect()  # the DDP wrapper sits in reference cycles
     getattr(state, "state", state).destroy_process_group()  # Accelerator.state / PartialState
-
-
-class StopSignal:
-    """SIGTERM (a preemption) sets `received` instead of killing the process mid-step: the loop
-    finishes the step, saves a checkpoint and exits with status 143 (128 + SIGTERM)."""
-
-    def __enter__(self):
-        self.received = False
-        self.previous = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        self.received = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
-
-
-def write_json(path: str, data) -> None:
-    """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(path + ".tmp", path)
-
-
-MANIFEST = "manifest.json"  # in each checkpoint: its step and every file's size when it was written
-LOCK = "train.lock"  # in an output folder while a run owns it: pid, host, start time
-
-
-def verify_checkpoint(path: str) -> list[str]:
-    """What is wrong with a checkpoint folder: files missing or not of the size they were written
-    with (a truncated copy, a full disk); [] if it passes. Cheap: reads sizes, not tensors."""
-    try:
-        with open(os.path.join(path, MANIFEST)) as fh:
-            files = json.load(fh)["files"]
-    except (OSError, ValueError, KeyError) as err:
-        return [f"{os.path.join(path, MANIFEST)} cannot be read ({err})"]
-    problems = []
-    for rel, size in files.items():
-        file = os.path.join(path, rel)
-        if not os.path.isfile(file):
-            problems.append(f"{file} is missing")
-        elif os.path.getsize(file) != size:
-            problems.append(f"{file} has {os.path.getsize(file)} bytes, {size} when it was written (truncated?)")
-    return problems
-
-
-def loadable_checkpoints(output_dir: str) -> list[str]:
-    """The checkpoints of output_dir that pass verify_checkpoint, oldest first."""
-    return [path for _, path in list_checkpoints(output_dir) if not verify_checkpoint(path)]
-
-
-def prune_checkpoints(output_dir: str, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints (0 = keep all); call it once a new one is complete."""
-    for _, path in list_checkpoints(output_dir)[:-keep] if keep else []:
-        shutil.rmtree(path)
-
-
-def read_checkpoint_file(file: str):
-    """torch.load of a checkpoint file; an unreadable one is an InputError naming it and the
-    checkpoints of its output folder that pass their manifest."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # zipfile / pickle / EOF errors name neither the file nor a way out
-        folder = os.path.dirname(os.path.dirname(os.path.abspath(file)))
-        raise InputError(f"{file} cannot be read ({type(err).__name__}: {err}); checkpoints in {folder} that pass "
-                         f"their manifest: {loadable_checkpoints(folder) or 'none'} (--resume PATH picks one)") from err
-
-
-def fingerprint(pipe) -> str:
-    """A short hash of the base weights (every parameter's name, shape, dtype, sum and sum of |w| in
-    float64): another base model of the same shape gets another fingerprint. One pass over the weights."""
-    h = hashlib.sha256()
-    for part, module in sorted(pipe.components.items()):
-        for name, p in module.named_parameters() if isinstance(module, torch.nn.Module) else ():
-            w = p.detach().double()
-            h.update(f"{part}.{name} {tuple(p.shape)} {p.dtype} {float(w.sum())!r} {float(w.abs().sum())!r}".encode())
-    return h.hexdigest()[:16]
-
-
-def claim_output_dir(output_dir: str, take_over: bool) -> None:
-    """Create output_dir and take its lock file (LOCK) before any model loads; a second run into the
-    same folder is refused, naming the owner. A lock whose process is gone (a dead pid on this
-    host, e.g. after kill -9) is reported as stale and taken over with --take_over_lock."""
-    lock = os.path.join(output_dir, LOCK)
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            with open(lock) as fh:
-                owner = json.load(fh)
-        except (OSError, ValueError):
-            owner = {}  # half-written by a run killed while taking it
-        here = owner.get("host") == socket.gethostname()
-        alive = here and _pid_alive(owner.get("pid", -1))
-        who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
-        if alive or not take_over:
-            state = "running" if alive else ("no longer running (stale)" if here else "on another host: cannot check")
-            raise InputError(f"--output_dir {output_dir} is locked by another run ({who}; {state}). Use another "
-                             "--output_dir" + ("" if alive else ", or pass --take_over_lock if that run is gone"))
-        print(f"taking over the lock of {output_dir} from {who}", flush=True)
-        os.remove(lock)
-        return claim_output_dir(output_dir, take_over=False)
-    except OSError as err:
-        raise InputError(f"--output_dir {output_dir} is not usable: {err}") from err
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0  # exists but belongs to another user
-    return True
-
-
-def release_output_dir(output_dir: str) -> None:
-    """Remove the lock if this process holds it."""
-    try:
-        with open(os.path.join(output_dir, LOCK)) as fh:
-            mine = json.load(fh).get("pid") == os.getpid()
-    except (OSError, ValueError):
-        return
-    if mine:
-        os.remove(os.path.join(output_dir, LOCK))
-
-
-def resume_target(output_dir: str, resume: str, max_steps: int) -> str | None:
-    """The checkpoint a run continues from (--resume 'latest' or a folder), or None for a new run.
-
-    Refuses to start a second run in a folder that holds one (checkpoints, or the log of a run that
-    stopped before its first checkpoint), and to resume from a checkpoint that fails
-    verify_checkpoint: 'latest' never falls back to an older one silently. A checkpoint that
-    already reached max_steps raises RunFinished."""
-    existing = list_checkpoints(output_dir)
-    if not resume:
-        if existing:
-            raise InputError(f"{output_dir} already holds {existing[-1][1]}: pass --resume latest to continue it, "
-                             "or a new --output_dir")
-        other = sorted(set(os.listdir(output_dir)) - {LOCK}) if os.path.isdir(output_dir) else []
-        if other:
-            raise InputError(f"{output_dir} holds {other} but no checkpoint (a run stopped before its first one?): "
-                             "nothing there can be resumed; delete them to start anew there, or pass a new --output_dir")
-        return None
-    if resume == "latest" and not existing:
-        raise InputError(f"--resume latest: no checkpoint-* in {output_dir}; drop --resume to start a new run")
-    path = existing[-1][1] if resume == "latest" else resume
-    if not os.path.isdir(path):
-        raise InputError(f"--resume {resume!r} is neither 'latest' nor a checkpoint folder")
-    problems = verify_checkpoint(path)
-    if problems:
-        ok = loadable_checkpoints(os.path.dirname(os.path.abspath(path)))
-        raise InputError(f"{path} does not load: {'; '.join(problems)}. Checkpoints that do: {ok or 'none'}"
-                         + (f" (continue from one with --resume {ok[-1]})" if ok else ""))
-    with open(os.path.join(path, MANIFEST)) as fh:
-        step = json.load(fh)["step"]
-    if step >= max_steps:
-        raise RunFinished(f"the run is finished: {path} is step {step} of --max_steps {max_steps}; its "
-                          "run_summary.json and checkpoints are kept. To train longer, resume with a larger --max_steps.")
-    return path
-
-
-def truncate_jsonl(file: str, step: int) -> None:
-    """Keep a metrics.jsonl's rows up to `step`: a killed run's later steps are run (and logged) again.
-    A partial last line (a crash while writing it) is dropped, and said so; a broken line before
-    the last is an InputError naming the file and the line."""
-    if not os.path.isfile(file):
-        return
-    with open(file) as fh:
-        lines = [line for line in fh if line.strip()]
-    rows = []
-    for i, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i < len(lines):
-                raise InputError(f"{file}, line {i} is not JSON ({err}): repair or delete that line, then resume") from err
-            print(f"{file}: dropped its partial last line (written when the run was killed): {line[:60]!r}", flush=True)
-            continue
-        if row["step"] <= step:
-            rows.append(line.rstrip("\n") + "\n")
-    with open(file + ".tmp", "w") as fh:
-        fh.writelines(rows)
-    os.replace(file + ".tmp", file)

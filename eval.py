@@ -51,7 +51,6 @@ removes its results and grids before anything new is written):
                      (an LGMD of exactly duplicated images is -inf, written as -Infinity)
     results.md       Table-1-style table (rows = models, columns = metrics, mean ± std) + paired deltas
     grids/prompt_XXX.png   one per prompt: rows = models, columns = the images (the same noise per column)
-    images/MODEL/prompt_XXX_YY.png   every image, with --save_images
 
 Sampling: FluxPipeline.__call__ itself (prompt_embeds, pooled_prompt_embeds, latents = the paired
 noise, guidance_scale, num_inference_steps; common.ode_sample), which tests/test_eval.py keeps
@@ -119,7 +118,7 @@ METRICS = {
 }
 assert set(rewards.REWARDS) == {m for m, (_, kind) in METRICS.items() if kind == "reward"}
 BASE = "base"  # table name of the base model (LoRA disabled)
-OUTPUTS = ("results.json", "results.md", "grids", "images")  # what a run writes into --out
+OUTPUTS = ("results.json", "results.md", "grids")  # what a run writes into --out
 EvalInputError = common.InputError  # bad input found before generation: the message says what to fix
 
 
@@ -150,7 +149,6 @@ class Args(common.FluxArgs):
     metric_dtype: Literal["fp32", "bf16", "fp16"] = HfArg(default="fp32", help="dtype of the reward / DINOv2 models")
     metric_batch_size: int = HfArg(default=32, help="images per forward of a reward / DINOv2 model")
     grid_size: int = HfArg(default=256, help="image height in the grids in pixels (0 = full size)")
-    save_images: bool = HfArg(default=False, help="also write every image as a PNG")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,36 +211,29 @@ RANGES = {"steps": "[1, inf)", "images_per_prompt": "[1, inf)", "seed": "[0, inf
 
 def check_args(args: Args) -> dict:
     """Everything that can be checked without loading a model; returns the parsed pieces."""
-    names = parse_metrics(args.metrics)
+    names, need = parse_metrics(args.metrics), common.require
     paths = common.parse_named(args.metric_path, "--metric_path")
     extra = sorted(set(paths) - set(names))
-    if extra:
-        raise EvalInputError(f"--metric_path given for {extra}, which is not among the metrics {names}")
-    if "lgmd" in paths or "ocr" in paths:
-        raise EvalInputError("lgmd (the FLUX latents) and ocr (models inside rapidocr-onnxruntime) take no --metric_path")
-    if "geneval" in paths:
-        raise EvalInputError("give the GenEval server with --geneval_url, not --metric_path")
-    if args.geneval_url and "geneval" not in names:
-        raise EvalInputError("--geneval_url given but geneval is not among the metrics")
+    need(not extra, f"--metric_path given for {extra}, which is not among the metrics {names}")
+    need(not {"lgmd", "ocr"} & set(paths), "lgmd (the FLUX latents) and ocr (models inside rapidocr-onnxruntime) take no --metric_path")
+    need("geneval" not in paths, "give the GenEval server with --geneval_url, not --metric_path")
+    need(not args.geneval_url or "geneval" in names, "--geneval_url given but geneval is not among the metrics")
     common.check_flux_args(args, RANGES)
     diversity = [m for m in names if METRICS[m][1] == "diversity"]
-    if diversity and args.images_per_prompt < 2:
-        raise EvalInputError(f"{diversity} compare a prompt's images with each other: --images_per_prompt must be >= 2")
+    need(not diversity or args.images_per_prompt >= 2,
+         f"{diversity} compare a prompt's images with each other: --images_per_prompt must be >= 2")
     found = [f for f in OUTPUTS if os.path.exists(os.path.join(args.out, f))]
-    if found and not args.overwrite:
-        raise EvalInputError(f"--out {args.out} holds {found} of an earlier evaluation: pass --overwrite to replace them "
-                             "(they are removed before anything is written), or another --out")
+    need(not found or args.overwrite, f"--out {args.out} holds {found} of an earlier evaluation: pass --overwrite to replace "
+         "them (they are removed before anything is written), or another --out")
     texts, metadata = load_prompts(args.prompts, args.max_prompts)
-    if "geneval" in names:
-        if metadata is None or any(k not in m for m in metadata for k in ("tag", "include")):
-            raise EvalInputError("geneval needs each prompt's GenEval metadata: pass a .jsonl prompt file with 'prompt', "
-                                 "'tag' and 'include' per line (GenEval's evaluation_metadata.jsonl)")
-    if "ocr" in names:
-        for text in texts:
-            try:
-                rewards.quoted_text(text)
-            except ValueError as err:
-                raise EvalInputError(str(err)) from err
+    need("geneval" not in names or (metadata and all(k in m for m in metadata for k in ("tag", "include"))),
+         "geneval needs each prompt's GenEval metadata: pass a .jsonl prompt file with 'prompt', 'tag' and 'include' per "
+         "line (GenEval's evaluation_metadata.jsonl)")
+    for text in texts if "ocr" in names else []:
+        try:
+            rewards.quoted_text(text)
+        except ValueError as err:
+            raise EvalInputError(str(err)) from err
     return {"metrics": names, "metric_paths": paths, "texts": texts, "metadata": metadata, "replaced": found,
             "loras": parse_loras(args.lora)}
 
@@ -254,7 +245,7 @@ def check_args(args: Args) -> dict:
 def load_adapters(pipe, loras: dict[str, str]) -> dict[str, str | None]:
     """Load every LoRA as a named adapter of pipe.transformer; returns {model name: adapter name},
     with "base" -> None. All folders are checked first, so a bad one fails before any is loaded."""
-    layers = {name: common.check_lora_fits(pipe.transformer, folder, name)[1] for name, folder in loras.items()}
+    layers = {name: common.check_lora_fits(pipe.transformer, folder, name) for name, folder in loras.items()}
     adapters: dict[str, str | None] = {BASE: None}
     for i, (name, folder) in enumerate(loras.items()):
         adapter = f"eval_{i}"  # peft adapter names must be plain identifiers; table names may hold "/"
@@ -284,19 +275,13 @@ def activate(transformer: torch.nn.Module, adapter: str | None) -> None:
 
 def load_scorers(names: list[str], paths: dict, args: Args, device) -> dict:
     """{metric: callable} for the reward metrics and cosdiv (lgmd needs no model)."""
-    dtype, batch_size = common.DTYPES[args.metric_dtype], args.metric_batch_size
-    scorers = {}
-    for name in names:
-        if name == "cosdiv":
-            scorers[name] = metrics.load_dinov2(paths.get(name, metrics.DINO_DEFAULT_ID), device=device, dtype=dtype,
-                                                batch_size=batch_size)
-        elif name == "geneval":  # evaluation: fraction of criteria met (App. D.1), not the strict training reward
-            scorers[name] = rewards.load_reward(name, args.geneval_url, strict=False, timeout=args.reward_timeout,
-                                                retries=args.reward_retries)
-        elif name == "ocr":
-            scorers[name] = rewards.load_reward(name)
-        elif METRICS[name][1] == "reward":
-            scorers[name] = rewards.load_reward(name, paths.get(name), device=device, dtype=dtype, batch_size=batch_size)
+    dtype, batch = common.DTYPES[args.metric_dtype], {"batch_size": args.metric_batch_size}
+    # geneval: the fraction of criteria met (App. D.1), not the strict training reward; ocr: models inside its package
+    keywords = {"geneval": {"strict": False, "timeout": args.reward_timeout, "retries": args.reward_retries}, "ocr": {}}
+    scorers = {name: rewards.load_reward(name, args.geneval_url if name == "geneval" else paths.get(name), device=device,
+                                         dtype=dtype, **keywords.get(name, batch)) for name in names if METRICS[name][1] == "reward"}
+    if "cosdiv" in names:
+        scorers["cosdiv"] = metrics.load_dinov2(paths.get("cosdiv", metrics.DINO_DEFAULT_ID), device=device, dtype=dtype, **batch)
     return scorers
 
 
@@ -335,36 +320,25 @@ def _mean_std(values: list[float]) -> dict:
 
 def summarize(records: list[dict], names: list[str], model_names: list[str], texts: list[str]) -> dict:
     """Gathered per-(model, prompt) records -> the "models" and "noise_checksums" parts of results.json."""
-    by_model = {m: {} for m in model_names}
-    for rec in records:
-        if rec["index"] in by_model[rec["model"]]:
-            raise RuntimeError(f"prompt {rec['index']} was evaluated twice for {rec['model']}")
-        by_model[rec["model"]][rec["index"]] = rec
-    for m, recs in by_model.items():
-        if sorted(recs) != list(range(len(texts))):
-            raise RuntimeError(f"{m}: results for {len(recs)} of {len(texts)} prompts; a rank did not report")
-    checksums = {m: [by_model[m][p]["noise"] for p in range(len(texts))] for m in model_names}
+    done = sorted((rec["model"], rec["index"]) for rec in records)
+    if done != sorted((m, p) for m in model_names for p in range(len(texts))):
+        raise RuntimeError(f"{len(done)} (model, prompt) results for {len(model_names)} x {len(texts)}: a rank did not "
+                           "report, or a prompt was evaluated twice")
+    by_model = {m: sorted((r for r in records if r["model"] == m), key=lambda r: r["index"]) for m in model_names}
+    checksums = {m: [rec["noise"] for rec in recs] for m, recs in by_model.items()}
     for m in model_names:
         if checksums[m] != checksums[BASE]:
             raise RuntimeError(f"{m} did not start from the base model's initial noises: the comparison is not paired")
+    rewarded = [name for name in names if METRICS[name][1] == "reward"]
     models = {}
-    for m in model_names:
-        per_prompt = []
-        for p in range(len(texts)):
-            rec = by_model[m][p]["scores"]
-            row = {"index": p, "prompt": texts[p]}
-            for name in names:
-                row[name] = float(np.mean(rec[name])) if METRICS[name][1] == "reward" else rec[name]
-            row["images"] = {name: rec[name] for name in names if METRICS[name][1] == "reward"}
-            per_prompt.append(row)
-        aggregate = {}
-        for name in names:
-            if METRICS[name][1] == "reward":  # over all images
-                aggregate[name] = _mean_std([s for p in range(len(texts)) for s in by_model[m][p]["scores"][name]])
-            else:  # one value per prompt
-                aggregate[name] = _mean_std([row[name] for row in per_prompt])
-        models[m] = {"aggregate": aggregate, "per_prompt": per_prompt,
-                     "generation_seconds": sum(by_model[m][p]["seconds"] for p in range(len(texts)))}
+    for m, recs in by_model.items():
+        scores = [rec["scores"] for rec in recs]  # one dict per prompt, in prompt order
+        per_prompt = [{"index": p, "prompt": texts[p], **{k: float(np.mean(s[k])) if k in rewarded else s[k] for k in names},
+                       "images": {k: s[k] for k in rewarded}} for p, s in enumerate(scores)]
+        # A reward's mean / std over all images, a diversity metric's over its one value per prompt.
+        aggregate = {k: _mean_std([x for s in scores for x in s[k]] if k in rewarded else [row[k] for row in per_prompt])
+                     for k in names}
+        models[m] = {"aggregate": aggregate, "per_prompt": per_prompt, "generation_seconds": sum(r["seconds"] for r in recs)}
     for m in model_names:  # paired by prompt (and noise): mean over prompts of the per-prompt difference
         models[m]["vs_base"] = {
             name: _mean_std([a[name] - b[name] for a, b in zip(models[m]["per_prompt"], models[BASE]["per_prompt"])])
@@ -443,10 +417,9 @@ def evaluate(args: Args) -> dict | None:
         mine = list(mine)  # this rank's global prompt indices (contiguous block)
     batches = [mine[i:i + args.prompts_per_batch] for i in range(0, len(mine), args.prompts_per_batch)]
     for old in parsed["replaced"] if state.is_main_process else ():  # --overwrite: no old grid stays beside the new
-        shutil.rmtree(os.path.join(args.out, old)) if old in ("grids", "images") else os.remove(os.path.join(args.out, old))
+        shutil.rmtree(os.path.join(args.out, old)) if old == "grids" else os.remove(os.path.join(args.out, old))
     state.wait_for_everyone()
     grid_dir = os.path.join(args.out, "grids")
-    os.makedirs(grid_dir, exist_ok=True)
     digits = max(3, len(str(len(texts) - 1)))
     if state.is_main_process:
         print(f"eval: {len(model_names)} model(s) {model_names} x {len(texts)} prompts x {n} images "
@@ -480,14 +453,6 @@ def evaluate(args: Args) -> dict | None:
             bar.update(1)
         for p in batch:
             common.save_grid(os.path.join(grid_dir, f"prompt_{p:0{digits}d}.png"), texts[p], thumbs[p], args.grid_size)
-            if args.save_images:
-                from PIL import Image
-
-                for name, pix in thumbs[p].items():
-                    folder = os.path.join(args.out, "images", name.replace("/", "_"))
-                    os.makedirs(folder, exist_ok=True)
-                    for j, img in enumerate(pix):
-                        Image.fromarray(img).save(os.path.join(folder, f"prompt_{p:0{digits}d}_{j:02d}.png"))
     bar.close()
 
     records = gather_object(records)  # every rank's per-prompt scores, on every rank
@@ -516,12 +481,11 @@ def evaluate(args: Args) -> dict | None:
 
 
 def main(argv=None) -> int:
-    try:
+    """Exit status: 0, or 2 for bad input and 1 for a run-time failure, each one line (common.run_main)."""
+    def run_evaluation():
         evaluate(parse_args(argv))
-    except EvalInputError as err:
-        print(f"eval.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return common.run_main("eval.py", run_evaluation)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,6 @@ Metrics (accelerate trackers, `--report_to`, and metrics.jsonl; means over all r
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -250,34 +249,28 @@ RANGES = {
     "lora_rank": "[1, inf)", "lora_alpha": "(0, inf)", "prompts_per_process": "[1, inf)", "num_steps": "[2, inf)",
     "branch_k": "[1, inf)", "kappa": "(0, inf]", "eta": "(0, 1]", "rollout_batch": "[0, inf)", "decode_batch": "[1, inf)",
     "beta_start": "[0, inf)", "beta_end": "[0, inf)", "beta_warmup_steps": "[0, inf)", "clip_eps": "(0, 1)",
-    "kl_coef": "[0, inf)", "tilt_weight": "(0, inf)", "dual_clip": "[0, inf)", "updates_per_rollout": "[1, inf)", "update_chunk": "[0, inf)", "lr": "(0, 1)",
-    "lr_warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
-    "adam_eps": "(0, inf)", "max_grad_norm": "(0, inf)", "max_steps": "[1, inf)", "ema_decay": "[0, 1)",
-    "ema_every": "[1, inf)", "validation_every": "[0, inf)", "validation_split": "[0, inf)",
-    "validation_images": "[2, inf)", "validation_steps": "[1, inf)", "seed": "[0, 4294967295]", "save_every": "[1, inf)",
-    "stop_after_steps": "[0, inf)", "checkpoints_total_limit": "[0, inf)",
+    "kl_coef": "[0, inf)", "tilt_weight": "(0, inf)", "dual_clip": "[0, inf)", "updates_per_rollout": "[1, inf)",
+    "update_chunk": "[0, inf)", "lr": "(0, 1)", "lr_warmup_steps": "[0, inf)", "weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_eps": "(0, inf)", "max_grad_norm": "(0, inf)",
+    "max_steps": "[1, inf)", "ema_decay": "[0, 1)", "ema_every": "[1, inf)", "validation_every": "[0, inf)",
+    "validation_split": "[0, inf)", "validation_images": "[2, inf)", "validation_steps": "[1, inf)",
+    "seed": "[0, 4294967295]", "save_every": "[1, inf)", "stop_after_steps": "[0, inf)",
+    "checkpoints_total_limit": "[0, inf)",
 }
 
 
 def parse_args(argv=None) -> Args:
+    """The command line (common.parse_args) with every check that needs no model: fail before minutes
+    of loading (raises common.InputError)."""
     args = common.parse_args(Args, argv, prog="train.py")
-    check_args(args)
-    return args
-
-
-def check_args(args: Args) -> None:
-    """Every check that needs no model: fail before minutes of loading (raises common.InputError)."""
-    def need(ok, msg):
-        if not ok:
-            raise common.InputError(msg)
-
+    need = common.require
     common.check_flux_args(args, RANGES)
     unknown = [n for n in args.reward if n not in rewards.REWARDS]
     need(not unknown, f"unknown reward(s) {unknown} in --reward; known: {', '.join(rewards.REWARDS)} (names separated by spaces)")
     need(len(set(args.reward)) == len(args.reward), f"--reward lists a reward twice: {args.reward}")
     need(not args.reward_weights or len(args.reward_weights) == len(args.reward),
          f"--reward_weights {args.reward_weights}: give one weight per reward of --reward {args.reward}")
-    need(all(map(math.isfinite, args.reward_weights)), f"--reward_weights must be finite, got {args.reward_weights}")
+    need(np.isfinite(args.reward_weights).all(), f"--reward_weights must be finite, got {args.reward_weights}")
     need(not args.geneval_url or "geneval" in args.reward, f"--geneval_url given but geneval is not in --reward {args.reward}")
     extra = sorted(set(common.parse_named(args.reward_path, "--reward_path")) - set(args.reward))
     need(not extra, f"--reward_path names {extra}, which are not in --reward {args.reward}")
@@ -289,26 +282,14 @@ def check_args(args: Args) -> None:
     try:  # the curriculum endpoints must be valid positions (raises with the valid range)
         tree_sampler.branch_schedule(0.0, args.branch_early, args.branch_late, float("inf"), args.num_steps)
     except ValueError as err:
-        need(False, f"--branch_early/--branch_late: {err}")
+        raise common.InputError(f"--branch_early/--branch_late: {err}") from err
     need(args.target == "boltzmann" or args.method == "tmpo", "--target tilted is TMPO's target: use it with --method tmpo")
     need(args.dual_clip == 0 or args.dual_clip > 1 + args.clip_eps,
          f"--dual_clip {args.dual_clip}: must be 0 (Eq. 6 exactly) or > 1 + --clip_eps = {1 + args.clip_eps}")
     need(not (args.validation_prompts and args.validation_split), "give --validation_prompts or --validation_split, not both")
     need(not args.validation_every or args.validation_prompts or args.validation_split,
          "--validation_every needs held-out prompts: --validation_prompts FILE or --validation_split N")
-
-
-def prompt_sets(args: Args) -> tuple[list, list]:
-    """(training prompts, validation prompts): --validation_split N holds out N prompts of --prompts
-    chosen by --seed (not the last N: a file sorted by task would hold out one task only)."""
-    items = common.load_prompts(args.prompts)
-    if args.validation_prompts:
-        return items, common.load_prompts(args.validation_prompts, "--validation_prompts")
-    if args.validation_split >= len(items):
-        raise common.InputError(f"--validation_split {args.validation_split} leaves no training prompt of the "
-                                f"{len(items)} in --prompts {args.prompts}")
-    held = set(np.random.default_rng(args.seed).permutation(len(items))[:args.validation_split].tolist())
-    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,32 +310,27 @@ def plan_lines(args: Args, world_size: int) -> list:
     """What the run will do, in numbers (printed at start, stored in run_summary.json)."""
     early, late = make_spec(args, args.branch_early), make_spec(args, args.branch_late)
     G, K, ref = args.prompts_per_process, early.leaves_per_group, args.target == "tilted"
-    if args.sampler == "tree":
-        shape = (f"tree: {early.roots} root(s), k = {args.branch_k} at SDE steps; branch positions "
-                 f"{list(args.branch_early)} -> {list(args.branch_late)} (kappa {args.kappa})")
-        rollout = f"{early.rollout_nfe(G, ref)} (early tree) .. {late.rollout_nfe(G, ref)} (late tree)"
-    else:
-        shape = f"independent: {K} trajectories, SDE at steps {sorted(early.fanout)}"
-        rollout = f"{early.rollout_nfe(G, ref)}"
+    tree = args.sampler == "tree"
+    shape = (f"tree: {early.roots} root(s), k = {args.branch_k} at SDE steps; branch positions {list(args.branch_early)} -> "
+             f"{list(args.branch_late)} (kappa {args.kappa})" if tree else
+             f"independent: {K} trajectories, SDE at steps {sorted(early.fanout)}")
+    rollout = f"{early.rollout_nfe(G, ref)}" + (f" (early tree) .. {late.rollout_nfe(G, ref)} (late tree)" if tree else "")
     if ref:
         rollout += (f", of which {early.rollout_nfe(G, True) - early.rollout_nfe(G)} reference forwards without grad "
                     "(LoRA off: log P_ref of every leaf, --target tilted)")
     per_update = early.update_nfe(G)  # forwards with grad: one per unique parent of each SDE step
-    extra = []
-    if args.updates_per_rollout > 1 and args.update_chunk > 0:
-        extra.append(f"{per_update} without grad before each later update (the ratio at the new parameters)")
-    if args.kl_coef > 0:
-        extra.append(f"{per_update} reference forwards without grad per update (KL)")
+    extra = [text for on, text in (
+        (args.updates_per_rollout > 1 and args.update_chunk > 0,
+         f"{per_update} without grad before each later update (the ratio at the new parameters)"),
+        (args.kl_coef > 0, f"{per_update} reference forwards without grad per update (KL)")) if on]
     return [
         f"method {args.method}" + (f" (target {args.target})" if args.method == "tmpo" else "") + f", sampler {shape}",
         f"processes (world size): {world_size}",
         f"prompts per step: {G} per process x {world_size} = {G * world_size}",
         f"leaves (images) per prompt: K = {K}; images per step: {G * K * world_size} ({G * K} per process)",
         f"denoising steps: {args.num_steps}; resolution {args.height}x{args.width}; guidance {args.guidance}",
-        f"transformer forwards per rollout per process: {rollout}; "
-        f"{G * K * args.num_steps} if every leaf were sampled alone",
-        f"forwards with grad per update per process: {per_update}"
-        + (f" (+ {'; + '.join(extra)})" if extra else "")
+        f"transformer forwards per rollout per process: {rollout}; {G * K * args.num_steps} if every leaf were sampled alone",
+        f"forwards with grad per update per process: {per_update}" + (f" (+ {'; + '.join(extra)})" if extra else "")
         + f"; {args.update_chunk or 'all'} parents per backward",
         f"updates per rollout: {args.updates_per_rollout}; steps: {args.max_steps}; "
         f"optimizer steps: {args.max_steps * args.updates_per_rollout}",
@@ -369,8 +345,8 @@ def plan_lines(args: Args, world_size: int) -> list:
 def save_checkpoint(run, step: int) -> str:
     """checkpoint-{step}: the LoRA and its EMA in diffusers' format, the optimizer and lr schedule,
     the arguments, and each rank's RNG streams (see the module docstring)."""
-    full = {sub: {run.keys[n]: common.full_tensor(t) for n, t in tensors.items()}  # collective under FSDP
-            for sub, tensors in (("lora", run.params), ("ema", dict(zip(run.params, run.ema.shadow_params))))}
+    # {"lora" / "ema": {key in the LoRA file: full tensor}}: collective under FSDP (every rank gathers)
+    full = {sub: {run.keys[n]: common.full_tensor(t) for n, t in tensors.items()} for sub, tensors in run.weights.items()}
     state = {"step": step, "world_size": run.world, "args": dataclasses.asdict(run.args), "base_fingerprint": run.fingerprint,
              "optimizer": None if run.sharded else run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
     rank_state = {**common.rng_states(run.device, noise_generator=run.noise_gen, schedule_rng=run.sched_rng),
@@ -393,32 +369,29 @@ OPERATIONAL_ARGS = {"config", "model", "output_dir", "resume", "stop_after_steps
 
 def load_checkpoint(run, path: str) -> int:
     """Restore everything `save_checkpoint` wrote; return the step to continue from."""
-    state = common.read_checkpoint_file(os.path.join(path, "trainer_state.pt"))
-    rank_state = common.read_checkpoint_file(os.path.join(path, f"rank{run.rank}.pt"))
+    state = common.read_checkpoint_file(path, "trainer_state.pt")
+    rank_state = common.read_checkpoint_file(path, f"rank{run.rank}.pt")
     now = dataclasses.asdict(run.args)
     # A finished run (its last checkpoint) may be extended with a larger --max_steps; the lr schedule
     # and the branch curriculum then run to the new length from here.
     extend = state["step"] == state["args"]["max_steps"] < run.args.max_steps
     changed = {k: (v, now[k]) for k, v in state["args"].items()
                if k not in OPERATIONAL_ARGS and k in now and v != now[k] and not (extend and k == "max_steps")}
-    if changed:
-        raise common.InputError(f"{path} belongs to a run with other settings; resuming would not continue it. "
-                                + "; ".join(f"--{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-    if state["base_fingerprint"] != run.fingerprint:
-        raise common.InputError(f"{path} was trained on other base weights (fingerprint {state['base_fingerprint']}) than "
-                                f"--model {run.args.model} ({run.fingerprint}): pass the model it was trained on")
-    if state["world_size"] != run.world:
-        raise common.InputError(f"{path} was written by {state['world_size']} processes, this run has {run.world}: "
-                                "resume with the same number (each rank's noise stream is saved)")
-    for sub, tensors in (("lora", run.params), ("ema", dict(zip(run.params, run.ema.shadow_params)))):
-        for name, value in common.load_lora_file(run.base, os.path.join(path, sub), run.keys).items():
-            common.assign(tensors[name], value)
+    common.require(not changed, f"{path} belongs to a run with other settings; resuming would not continue it. "
+                   + "; ".join(f"--{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+    common.require(state["base_fingerprint"] == run.fingerprint, f"{path} was trained on other base weights (fingerprint "
+                   f"{state['base_fingerprint']}) than --model {run.args.model} ({run.fingerprint}): pass the model it was trained on")
+    common.require(state["world_size"] == run.world, f"{path} was written by {state['world_size']} processes, this run has "
+                   f"{run.world}: resume with the same number (each rank's noise stream is saved)")
+    for sub, tensors in run.weights.items():  # the LoRA files save_checkpoint wrote (diffusers prefixes "transformer.")
+        saved = common.read_checkpoint_file(path, f"{sub}/pytorch_lora_weights.safetensors")
+        for name, key in run.keys.items():
+            common.assign(tensors[name], saved[f"transformer.{key}"])
     run.optimizer.load_state_dict(rank_state["optimizer"] if run.sharded else state["optimizer"])
-    if extend:  # the longer run's schedule, stepped from its start to here
-        for _ in range(state["step"] * run.args.updates_per_rollout):
-            run.scheduler.step()
-    else:
+    if not extend:
         run.scheduler.load_state_dict(state["scheduler"])
+    for _ in range(state["step"] * run.args.updates_per_rollout if extend else 0):  # the longer run's schedule, from its start
+        run.scheduler.step()
     common.set_rng_states(rank_state, run.device, noise_generator=run.noise_gen, schedule_rng=run.sched_rng)
     return int(state["step"])
 
@@ -435,17 +408,15 @@ def setup(args: Args, stack) -> SimpleNamespace:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, cast_training_params
 
-    items, val_items = prompt_sets(args)  # a bad prompt file fails before any model is loaded
+    items, val_items = common.prompt_sets(args)  # a bad prompt file fails before any model is loaded
     acc = common.make_accelerator(args.report_to, args.output_dir, fsdp_plugin=flux.fsdp_plugin())
     run = SimpleNamespace(args=args, accelerator=acc, items=items, val_items=val_items, rank=acc.process_index,
                           world=acc.num_processes, device=acc.device, is_main=acc.is_main_process,
                           dtype=common.resolve_dtype(args.dtype, acc.device), last_ckpt=None, start_step=0,
                           sharded=acc.distributed_type == DistributedType.FSDP)
-    if acc.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU) and args.update_chunk == 0:
-        raise common.InputError("--update_chunk 0 puts every recomputed transition in one graph, and DDP cannot reduce "
-                                "a parameter used by several forwards of one backward: use --update_chunk >= 1")
-    if run.device.type == "cpu" and run.dtype == torch.bfloat16 and run.is_main:
-        print("note: --dtype bf16 on CPU is slow; the CPU smoke run uses fp32", flush=True)
+    common.require(args.update_chunk or acc.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU),
+                   "--update_chunk 0 puts every recomputed transition in one graph, and DDP cannot reduce a parameter "
+                   "used by several forwards of one backward: use --update_chunk >= 1")
 
     def claim():  # main process; before any model loads
         common.claim_output_dir(args.output_dir, args.take_over_lock)
@@ -456,14 +427,12 @@ def setup(args: Args, stack) -> SimpleNamespace:
     set_seed(args.seed)  # same seed on every rank: identical LoRA init (FSDP2 does not broadcast it), data order, trees
 
     # Rewards first: a missing reward model is found in seconds, not after loading FLUX.
-    paths = common.parse_named(args.reward_path, "--reward_path")
-    if args.geneval_url:
-        paths["geneval"] = args.geneval_url
+    paths = {**common.parse_named(args.reward_path, "--reward_path"), **({"geneval": args.geneval_url} if args.geneval_url else {})}
     run.reward_fn = rewards.load_rewards(args.reward, weights=args.reward_weights or None, paths=paths, device=run.device,
                                          dtype=common.DTYPES[args.reward_dtype], reward_kwargs={"geneval": {
                                              "timeout": args.reward_timeout, "retries": args.reward_retries}})
-    if args.gradient_checkpointing is None:  # needed on a GPU (memory plan below), a slowdown on the CPU smoke runs
-        args.gradient_checkpointing = run.device.type == "cuda"
+    # Default: on on a GPU (needed there, see the memory plan below), off on the CPU smoke runs (only a slowdown there).
+    args.gradient_checkpointing = run.device.type == "cuda" if args.gradient_checkpointing is None else args.gradient_checkpointing
     run.pipe = flux.load_flux(args.model, dtype=run.dtype, device=run.device, offload_text_encoders=True)
     run.fingerprint = common.fingerprint(run.pipe)  # of the base weights, stored with every checkpoint
     base = run.pipe.transformer
@@ -489,14 +458,15 @@ def setup(args: Args, stack) -> SimpleNamespace:
     run.transformer, run.optimizer = acc.prepare(base, run.optimizer)
     run.base = acc.unwrap_model(run.transformer)
     run.params = {n: p for n, p in run.base.named_parameters() if p.requires_grad}  # after prepare (FSDP2 reshards)
-    run.keys = common.peft_keys(run.base, list(run.params))
+    run.keys = {n: n.replace(".default.", ".") for n in run.params}  # keys in the LoRA file: peft drops the adapter name
     # fp32 EMA of the LoRA: ema <- d ema + (1 - d) theta (App. D: d = 0.9 every 8 steps), per rank on its
     # (possibly sharded) parameters, elementwise, so exact under FSDP. min_decay = decay and
     # update_after_step = -1 switch off diffusers' decay warmup (ema = theta at the first update).
     run.ema = EMAModel(list(run.params.values()), decay=args.ema_decay, min_decay=args.ema_decay, update_after_step=-1)
+    run.weights = {"lora": run.params, "ema": dict(zip(run.params, run.ema.shadow_params))}  # what a checkpoint holds
 
-    noise_seed = int(np.random.SeedSequence([args.seed, run.rank]).generate_state(1)[0])
-    run.noise_gen = torch.Generator(device=run.device).manual_seed(noise_seed)  # a different stream per rank
+    # A different noise stream per rank, seeded from (seed, rank).
+    run.noise_gen = torch.Generator(device=run.device).manual_seed(int(np.random.SeedSequence([args.seed, run.rank]).generate_state(1)[0]))
     run.sched_rng = np.random.default_rng(args.seed)  # the same on every rank: the tree shapes agree
     if resume_path:
         run.start_step, run.last_ckpt = load_checkpoint(run, resume_path), resume_path
@@ -508,7 +478,7 @@ def setup(args: Args, stack) -> SimpleNamespace:
 
 def train_step(run, step: int, stop) -> dict:
     """One iteration (steps 1-6 of the module docstring) on this rank; returns its metrics (means over
-    ranks), with "stop" > 0 if any rank received SIGTERM (`stop`, a common.StopSignal)."""
+    ranks), with "stop" > 0 if any rank received SIGTERM (`stop`, from common.stop_signal)."""
     args = run.args
     t_iter = time.perf_counter()
     # 1. Branch positions (Eqs. 41-46); p = step / total steps
@@ -530,19 +500,17 @@ def train_step(run, step: int, stop) -> dict:
     x_root = torch.randn((G * spec.roots, run.seq_len, run.channels), generator=run.noise_gen, device=run.device)
     if step == run.start_step:  # evidence for run_summary.json: each rank its own noise and prompts
         run.summary["root_noise_checksum_per_rank"] = run.accelerator.gather(x_root.double().sum().reshape(1)).tolist()
-        idx = torch.tensor(indices, device=run.device)
-        run.summary["prompt_indices_per_rank"] = run.accelerator.gather(idx).view(run.world, G).tolist()
+        run.summary["prompt_indices_per_rank"] = run.accelerator.gather(torch.tensor(indices, device=run.device)).view(run.world, G).tolist()
     ref_fn = reference_velocity(run, velocity_fn) if args.target == "tilted" or args.kl_coef > 0 else None
     ro = tree_sampler.rollout(velocity_fn, spec, run.sigmas, cond, G, (run.seq_len, run.channels), generator=run.noise_gen,
                               x_root=x_root, device=run.device, dtype=torch.float32, max_batch=args.rollout_batch or None,
                               reduce=args.logprob_reduce, ref_velocity_fn=ref_fn if args.target == "tilted" else None)
-    t_rollout = time.perf_counter() - t0
+    t_rollout, t0 = time.perf_counter() - t0, time.perf_counter()
     log_p = ro.traj_log_prob(args.logprob_reduce)  # (G, K), Eq. (47)
     check("trajectory log-prob", log_p)
     check("final latents", ro.x0.reshape(G, -1))  # (G, K*S*C)
 
     # 3. Decode and reward; leaves are group-major: rows g*K .. g*K+K-1 belong to prompt g
-    t0 = time.perf_counter()
     images = flux.decode(run.pipe, ro.x0, args.height, args.width, max_batch=args.decode_batch)  # (G*K, 3, H, W)
     check("decoded images", images.reshape(G, -1))
     t_decode, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -596,11 +564,11 @@ def train_step(run, step: int, stop) -> dict:
 def reference_velocity(run, velocity_fn):
     """The reference P_ref = the base model: the same velocity function with the LoRA switched off, no grad
     (for --target tilted in the rollout, and for the KL of --kl_coef in the update)."""
+    @torch.no_grad()
     def ref_fn(x, t, c):
         run.base.disable_adapters()
         try:
-            with torch.no_grad():
-                return velocity_fn(x, t, c)
+            return velocity_fn(x, t, c)
         finally:
             run.base.enable_adapters()
     return ref_fn
@@ -642,20 +610,19 @@ def validate(run, step: int) -> dict:
     from accelerate.utils import gather_object
 
     args, n = run.args, run.args.validation_images
-    with run.accelerator.split_between_processes(list(range(len(run.val_items))), apply_padding=True) as mine:
-        mine = list(mine)
     records = []
     run.ema.store(run.params.values())  # the trained weights, put back exactly below: training continues bit-identically
     run.ema.copy_to(run.params.values())
     try:
-        for p in mine:
-            item = run.val_items[p]
-            _, images, latents = common.paired_samples(run.pipe, [item["prompt"]], [p], args.seed, n, args.validation_steps,
-                                                       args.guidance, args.height, args.width, args.max_sequence_length,
-                                                       args.decode_batch)  # (n, 3, H, W), (n, C, h, w)
-            raw, _ = run.reward_fn(images, [item["prompt"]] * n, [dict(item)] * n, group_size=n)
-            records.append({"index": p, "lgmd": metrics.lgmd(latents), "pixels": common.to_uint8(images),
-                            **{f"reward_{k}": float(v.float().mean()) for k, v in raw.items()}})
+        with run.accelerator.split_between_processes(list(range(len(run.val_items))), apply_padding=True) as mine:
+            for p in mine:  # this rank's share of the held-out prompts
+                item = run.val_items[p]
+                _, images, latents = common.paired_samples(run.pipe, [item["prompt"]], [p], args.seed, n, args.validation_steps,
+                                                           args.guidance, args.height, args.width, args.max_sequence_length,
+                                                           args.decode_batch)  # (n, 3, H, W), (n, C, h, w)
+                raw, _ = run.reward_fn(images, [item["prompt"]] * n, [dict(item)] * n, group_size=n)
+                records.append({"index": p, "lgmd": metrics.lgmd(latents), "pixels": common.to_uint8(images),
+                                **{f"reward_{k}": float(v.float().mean()) for k, v in raw.items()}})
     finally:
         run.ema.restore(run.params.values())
     records = {r["index"]: r for r in gather_object(records)}  # the padding's repeats collapse
@@ -663,11 +630,9 @@ def validate(run, step: int) -> dict:
         return {}
     rows = [records[p] for p in range(len(run.val_items))]
     out = {f"validation/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in ("index", "pixels")}
-    folder = os.path.join(args.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
     title = f"step {step}, EMA weights, {n} fixed noises per row: " + "; ".join(
         f"{p}: {it['prompt']}" for p, it in enumerate(run.val_items))
-    grid = np.asarray(common.save_grid(os.path.join(folder, f"step-{step}.png"), title,
+    grid = np.asarray(common.save_grid(os.path.join(args.output_dir, "validation", f"step-{step}.png"), title,
                                        {str(p): r["pixels"] for p, r in enumerate(rows)}, 256))  # (H, W, 3)
     common.log_image(run.accelerator, "validation/grid", grid, step)
     return out
@@ -723,23 +688,17 @@ def train(run, stop) -> int:
 
 
 def main(argv=None) -> int:
-    try:
+    """Exit status: 0, 143 after SIGTERM, 1 for a run-time failure, 2 for bad input (common.run_main)."""
+    def run_training():
         args = parse_args(argv)
         with contextlib.ExitStack() as stack:  # releases the output folder's lock, restores SIGTERM
-            stop = stack.enter_context(common.StopSignal())
+            stop = stack.enter_context(common.stop_signal())
             run = setup(args, stack)
             status = train(run, stop)
             common.end_run(run.accelerator, run)
             return status
-    except common.InputError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    except common.RunError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
-    except common.RunFinished as done:
-        print(f"train.py: {done}", flush=True)
-        return 0
+
+    return common.run_main("train.py", run_training)
 
 
 if __name__ == "__main__":
