@@ -1,7 +1,7 @@
 """Evaluation: a trained LoRA next to the base model, on reward and diversity, in one command.
 
 Reproduces the paper's protocol (Sec. 5.1 "Setup", App. D.1 "Quality Metrics"; formulas in
-../shared/paper/EQUATIONS.md, "Section 5 / App. D"): FLUX.1-dev, 28 deterministic (ODE) Euler steps,
+EQUATIONS.md, "Section 5 / App. D"): FLUX.1-dev, 28 deterministic (ODE) Euler steps,
 guidance 3.5 (FLUX's guidance embedding, no CFG), 512 x 512, 10 images per evaluation prompt, and
 the metrics of Table 1:
 
