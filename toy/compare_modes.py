@@ -79,10 +79,10 @@ Metrics (per method and seed; metrics.py):
   wall_s              fine-tuning wall time (training steps only; 0 for base, which is not fine-tuned)
 
 Run (from the repository root):
-    python toy/compare_modes.py                        # 4 seeds: about 1 minute on 2 cores
-    python toy/compare_modes.py --quick                # 2 seeds, fewer iterations and samples: about 25 s
+    python toy/compare_modes.py                        # 4 seeds: about 1 minute on 2 cores (63 s measured)
+    python toy/compare_modes.py --quick                # 2 seeds, fewer iterations and samples: about 15 s
     python toy/compare_modes.py --out assets/toy       # + metrics.json and PNG figures
-    python toy/compare_modes.py --seeds 20 --out assets/toy_20_seeds   # seeds 0-19: about 7 minutes
+    python toy/compare_modes.py --seeds 20 --out assets/toy_20_seeds   # seeds 0-19: about 6 minutes
     python toy/compare_modes.py --seeds 5 --seed-offset 10 --iters 400
     python toy/compare_modes.py --paper-rewards        # TMPO with z-scored rewards, beta 0.8 -> 2.0 (released configs)
     python -m pytest -q tests/test_toy.py
