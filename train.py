@@ -284,6 +284,10 @@ def parse_args(argv=None) -> Args:
     except ValueError as err:
         raise common.InputError(f"--branch_early/--branch_late: {err}") from err
     need(args.target == "boltzmann" or args.method == "tmpo", "--target tilted is TMPO's target: use it with --method tmpo")
+    # The tilted advantage already carries lambda KL(P_theta || P_ref); a --kl_coef penalty on top would
+    # weigh the same KL twice (and run the reference forwards of the rollout again in the update).
+    need(args.target == "boltzmann" or args.kl_coef == 0, "--target tilted has the KL to the base in its target: "
+         "weigh it with --tilt_weight, not --kl_coef")
     need(args.dual_clip == 0 or args.dual_clip > 1 + args.clip_eps,
          f"--dual_clip {args.dual_clip}: must be 0 (Eq. 6 exactly) or > 1 + --clip_eps = {1 + args.clip_eps}")
     need(not (args.validation_prompts and args.validation_split), "give --validation_prompts or --validation_split, not both")

@@ -9,7 +9,6 @@ model. flux.SavedTensorMeter itself is tested in tests/test_flux.py.
 
 import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess

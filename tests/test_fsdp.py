@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 torch.set_num_threads(1)

@@ -239,7 +239,8 @@ def test_tilted_target_scores_every_leaf_under_the_lora_free_base(assets):
     assert rows[0]["policy/ref_log_ratio"] == 0.0
     assert rows[1]["policy/ref_log_ratio"] != 0.0 and np.isfinite(rows[1]["policy/ref_log_ratio"])
     for flags, expect in ((["--target", "tilted", "--method", "grpo"], "--target tilted is TMPO's target"),
-                          (["--dual_clip", "1.1"], "--dual_clip 1.1: must be 0")):
+                          (["--dual_clip", "1.1"], "--dual_clip 1.1: must be 0"),
+                          (["--target", "tilted", "--kl_coef", "0.1"], "weigh it with --tilt_weight, not --kl_coef")):
         bad = _train(_flags(assets, out / "bad", "--max-steps", "1", *flags), check=False)
         assert bad.returncode == 2 and expect in bad.stderr, bad.stderr[-2000:]
 
